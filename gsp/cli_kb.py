@@ -1,0 +1,7 @@
+"""CLI commands (placeholder until filled)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

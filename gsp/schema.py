@@ -1,0 +1,155 @@
+"""The description-artifact schema: the one home of the Tb/Ts/Tg/Tp parquet layout.
+
+A description run is a folder ``artifacts/descriptions/<run_id>/`` holding ``Tb.parquet``,
+``Ts.parquet``, ``Tg.parquet``, ``Tp.parquet`` and ``manifest.json``. Every row carries a stable
+``key`` (same sign, kind and ordinal → same key in every run) so linguists can diff runs, and the
+provenance of the text (prompt, model, sources, request hash, tokens). The generator writes these
+files, the trainer and the review tools read them; both import this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gsp.atomic import atomic_path
+
+Kind = Literal["Tb", "Ts", "Tg", "Tp"]
+KINDS: tuple[Kind, ...] = ("Tb", "Ts", "Tg", "Tp")
+#: The five body parts, in the order of the skeleton's contiguous keypoint groups.
+BODY_PARTS: tuple[str, ...] = ("body", "left_hand", "right_hand", "mouth", "face")
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+MANIFEST = "manifest.json"
+LATEST_POINTER = "LATEST"
+
+SOURCE_TYPE = pa.struct([("chunk_id", pa.string()), ("file", pa.string()), ("page", pa.int32())])
+
+DESCRIPTION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int64()),
+        ("gloss", pa.string()),
+        ("lang", pa.string()),
+        ("kind", pa.string()),
+        ("variant", pa.int32()),
+        ("text", pa.string()),
+        ("body_parts", pa.list_(pa.string())),
+        ("prompt_id", pa.string()),
+        ("prompt_sha", pa.string()),
+        ("model", pa.string()),
+        ("temperature", pa.float64()),
+        ("sources", pa.list_(SOURCE_TYPE)),
+        ("request_hash", pa.string()),
+        ("response_id", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+COLUMNS = tuple(DESCRIPTION_SCHEMA.names)
+
+
+def row_key(label: int, kind: str, variant: int = 0) -> str:
+    """Stable row key: the same sign/kind/ordinal gives the same key in every run.
+
+    ``variant`` is the synonym index for Ts, the part ordinal for Tp and 0 for Tb/Tg.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return f"{int(label):06d}:{kind}:{int(variant):02d}"
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
+    """Raise SchemaError naming ``source`` and the row/field that breaks the contract."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{source}: missing columns {missing}")
+    bad_kind = df.index[df["kind"] != kind]
+    if len(bad_kind):
+        raise SchemaError(f"{source}: row {int(bad_kind[0])} has kind {df.loc[bad_kind[0], 'kind']!r}, expected {kind!r}")
+    bad_status = df.index[~df["status"].isin([STATUS_OK, STATUS_FAILED])]
+    if len(bad_status):
+        raise SchemaError(f"{source}: row {int(bad_status[0])} has status {df.loc[bad_status[0], 'status']!r}")
+    if df["key"].duplicated().any():
+        dup = df.loc[df["key"].duplicated(), "key"].iloc[0]
+        raise SchemaError(f"{source}: duplicate key {dup!r}")
+    if kind == "Tp":
+        for i, parts in zip(df.index, df["body_parts"]):
+            unknown = set(parts if parts is not None else []) - set(BODY_PARTS)
+            if unknown:
+                raise SchemaError(f"{source}: row {int(i)} (key {df.loc[i, 'key']}) has unknown body parts {sorted(unknown)}")
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Deterministic row order (by key) so two runs diff line by line."""
+    return df.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def rows_to_table(rows: Iterable[dict] | pd.DataFrame) -> pa.Table:
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    df = sort_rows(df[list(COLUMNS)])
+    return pa.Table.from_pandas(df, schema=DESCRIPTION_SCHEMA, preserve_index=False)
+
+
+def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame) -> Path:
+    """Validate and write ``<run_dir>/<kind>.parquet`` atomically."""
+    table = rows_to_table(rows)
+    validate_rows(table.to_pandas(), kind, source=f"{run_dir}/{kind}.parquet")
+    target = Path(run_dir) / f"{kind}.parquet"
+    with atomic_path(target, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return target
+
+
+def read_kind(run_dir: Path, kind: str, ok_only: bool = False) -> pd.DataFrame:
+    path = Path(run_dir) / f"{kind}.parquet"
+    if not path.is_file():
+        raise SchemaError(f"{path}: missing (a description run needs {', '.join(k + '.parquet' for k in KINDS)})")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable parquet file: {exc}") from exc
+    df = table.to_pandas()
+    validate_rows(df, kind, source=str(path))
+    if ok_only:
+        df = df[df["status"] == STATUS_OK].reset_index(drop=True)
+    return df
+
+
+def read_run(run_dir: Path, ok_only: bool = True) -> dict[str, pd.DataFrame]:
+    """All four kinds of one description run, keyed by kind."""
+    return {kind: read_kind(run_dir, kind, ok_only=ok_only) for kind in KINDS}
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"{path}: {exc}") from exc
+
+
+def resolve_run_dir(path: Path) -> Path:
+    """Accept a run folder or the descriptions root (then follow its LATEST pointer)."""
+    path = Path(path)
+    if (path / "Tg.parquet").is_file():
+        return path
+    pointer = path / LATEST_POINTER
+    if pointer.is_file():
+        return path / pointer.read_text(encoding="utf-8").strip()
+    raise SchemaError(f"{path}: neither a description run nor a folder with a {LATEST_POINTER} pointer")

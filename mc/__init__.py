@@ -1,0 +1,1 @@
+"""mc: multi-positive contrastive skeleton training."""
