@@ -41,6 +41,11 @@ def load_sentence_model(name: str, device: str = "cpu"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    # The weight-loading bar would interleave with our own progress display.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     path = resolve_model_path(name)
     try:

@@ -120,6 +120,9 @@ class KnowledgeBaseSettings(_Section):
     embed_batch_size: int = Field(64, ge=1)
     chunk_size: int = Field(800, ge=50, description="Maximum characters per chunk.")
     chunk_overlap: int = Field(100, ge=0, description="Characters shared by neighbouring chunks.")
+    headword_pattern: str | None = Field(
+        None, description="Regex for a headword line (default: gsp.chunking.DEFAULT_HEADWORD_PATTERN)."
+    )
     dense_weight: float = Field(0.5, ge=0, le=1, description="Weight of the dense score in hybrid search.")
     headword_bonus: float = Field(0.5, ge=0, description="Added when the query is a chunk's headword.")
 
