@@ -1,0 +1,403 @@
+"""The part-specific skeleton encoder: CTR-GCN (Chen et al., ICCV 2021) with GSP-MC's heads.
+
+The backbone follows the reference CTR-GCN design: a data BatchNorm over (M·V·C), ten TCN-GCN
+units with ``w``/``2w``/``4w`` channels (``w`` = 64 in the paper; stride 2 at the 5th and 8th
+unit), three CTR-GC subsets per unit (identity, inward, outward adjacency) whose topology is a
+learnable parameter refined per channel, and a multi-scale temporal convolution (two dilated 5×1
+branches, a max-pool branch and a 1×1 branch).
+
+Heads (paper §3.1, §3.4):
+- ``S_g``: global average pooling over frames, joints and persons → linear classifier (eq. 2).
+- ``S_p``: the same final feature map averaged over each of the five contiguous keypoint groups.
+- ``projections``: separate linear maps of ``S_g`` and of each ``S_p`` into the text-feature
+  dimension. Training only; :meth:`GSPMCModel.inference_model` drops them (and the text side).
+
+Eq. 1 writes a symmetric normalisation D^-1/2 A D^-1/2; CTR-GCN, whose reference design we follow,
+uses the spatial partition with column-normalised in/out adjacency as its initial topology. The
+topology is learnable either way, so we keep the reference initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------- graph
+
+
+def edges_to_matrix(edges: Sequence[tuple[int, int]], num_nodes: int) -> np.ndarray:
+    """Adjacency with ``A[j, i] = 1`` for every edge ``(i, j)`` (the reference graph tools)."""
+    a = np.zeros((num_nodes, num_nodes), dtype=np.float32)
+    for i, j in edges:
+        a[j, i] = 1.0
+    return a
+
+
+def normalize_digraph(a: np.ndarray) -> np.ndarray:
+    """Column-normalise: each column sums to 1 (columns with no edge stay zero)."""
+    degree = a.sum(0)
+    inv = np.where(degree > 0, 1.0 / np.maximum(degree, 1e-12), 0.0)
+    return (a * inv[None, :]).astype(np.float32)
+
+
+def spatial_adjacency(num_nodes: int, edges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The three CTR-GC subsets (3, V, V): self links, inward (child→parent), outward.
+
+    ``edges`` are (child, parent) pairs, i.e. they point inward towards the body centre.
+    """
+    for i, j in edges:
+        if not (0 <= i < num_nodes and 0 <= j < num_nodes):
+            raise ValueError(f"edge ({i}, {j}) is outside the {num_nodes}-node graph")
+    self_link = [(i, i) for i in range(num_nodes)]
+    inward = [(int(i), int(j)) for i, j in edges]
+    outward = [(j, i) for i, j in inward]
+    return np.stack(
+        [
+            edges_to_matrix(self_link, num_nodes),
+            normalize_digraph(edges_to_matrix(inward, num_nodes)),
+            normalize_digraph(edges_to_matrix(outward, num_nodes)),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- init helpers
+
+
+def _conv_init(conv: nn.Conv2d) -> None:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out")
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, 0)
+
+
+def _bn_init(bn: nn.modules.batchnorm._BatchNorm, scale: float) -> None:
+    nn.init.constant_(bn.weight, scale)
+    nn.init.constant_(bn.bias, 0)
+
+
+# --------------------------------------------------------------------------- temporal blocks
+
+
+class TemporalConv(nn.Module):
+    """A (k × 1) convolution over time with BN (``unit_tcn`` in the reference code)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        pad = (kernel_size + (kernel_size - 1) * (dilation - 1) - 1) // 2
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size=(kernel_size, 1), padding=(pad, 0),
+            stride=(stride, 1), dilation=(dilation, 1),
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        _conv_init(self.conv)
+        _bn_init(self.bn, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class MultiScaleTemporalConv(nn.Module):
+    """Dilated temporal branches + max-pool branch + 1×1 branch, concatenated (CTR-GCN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 1,
+                 dilations: Sequence[int] = (1, 2)):
+        super().__init__()
+        num_branches = len(dilations) + 2
+        if out_channels % num_branches:
+            raise ValueError(f"out_channels {out_channels} must be divisible by {num_branches} temporal branches")
+        bc = out_channels // num_branches
+        branches: list[nn.Module] = [
+            nn.Sequential(
+                nn.Conv2d(in_channels, bc, kernel_size=1), nn.BatchNorm2d(bc), nn.ReLU(inplace=True),
+                TemporalConv(bc, bc, kernel_size=kernel_size, stride=stride, dilation=d),
+            )
+            for d in dilations
+        ]
+        branches.append(
+            nn.Sequential(
+                nn.Conv2d(in_channels, bc, kernel_size=1), nn.BatchNorm2d(bc), nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=(3, 1), stride=(stride, 1), padding=(1, 0)), nn.BatchNorm2d(bc),
+            )
+        )
+        branches.append(nn.Sequential(nn.Conv2d(in_channels, bc, kernel_size=1, stride=(stride, 1)), nn.BatchNorm2d(bc)))
+        self.branches = nn.ModuleList(branches)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _conv_init(m)
+            elif isinstance(m, nn.BatchNorm2d):
+                _bn_init(m, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.branches], dim=1)
+
+
+# --------------------------------------------------------------------------- graph blocks
+
+
+class CTRGC(nn.Module):
+    """Channel-wise topology refinement graph convolution (one subset)."""
+
+    def __init__(self, in_channels: int, out_channels: int, rel_reduction: int = 8):
+        super().__init__()
+        # The reference uses 8 relation channels for raw 3/9-channel input.
+        rel = 8 if in_channels in (3, 9) else max(1, in_channels // rel_reduction)
+        self.conv1 = nn.Conv2d(in_channels, rel, kernel_size=1)
+        self.conv2 = nn.Conv2d(in_channels, rel, kernel_size=1)
+        self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.conv4 = nn.Conv2d(rel, out_channels, kernel_size=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _conv_init(m)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        x1 = self.conv1(x).mean(-2)  # N, R, V
+        x2 = self.conv2(x).mean(-2)
+        x3 = self.conv3(x)  # N, C, T, V
+        rel = torch.tanh(x1.unsqueeze(-1) - x2.unsqueeze(-2))  # N, R, V, V
+        topo = self.conv4(rel) * alpha + a.unsqueeze(0).unsqueeze(0)  # N, C, V, V
+        return torch.einsum("ncuv,nctv->nctu", topo, x3)
+
+
+class UnitGCN(nn.Module):
+    """Sum of the CTR-GC subsets over a learnable topology, BN, residual, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, adjacency: np.ndarray, residual: bool = True):
+        super().__init__()
+        self.convs = nn.ModuleList([CTRGC(in_channels, out_channels) for _ in range(adjacency.shape[0])])
+        self.residual = residual
+        if residual and in_channels != out_channels:
+            self.down: nn.Module | None = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
+            _conv_init(self.down[0])
+            _bn_init(self.down[1], 1)
+        else:
+            self.down = None
+        self.PA = nn.Parameter(torch.from_numpy(adjacency.astype(np.float32)))
+        self.alpha = nn.Parameter(torch.zeros(1))
+        self.bn = nn.BatchNorm2d(out_channels)
+        _bn_init(self.bn, 1e-6)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for i, conv in enumerate(self.convs):
+            z = conv(x, self.PA[i], self.alpha)
+            y = z if y is None else y + z
+        y = self.bn(y)
+        if self.residual:
+            y = y + (self.down(x) if self.down is not None else x)
+        return self.relu(y)
+
+
+class TCNGCNUnit(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, adjacency: np.ndarray, stride: int = 1,
+                 residual: bool = True, kernel_size: int = 5, dilations: Sequence[int] = (1, 2)):
+        super().__init__()
+        self.gcn1 = UnitGCN(in_channels, out_channels, adjacency)
+        self.tcn1 = MultiScaleTemporalConv(out_channels, out_channels, kernel_size, stride, dilations)
+        self.relu = nn.ReLU(inplace=True)
+        if not residual:
+            self.residual: nn.Module | None = None
+        elif in_channels == out_channels and stride == 1:
+            self.residual = nn.Identity()
+        else:
+            self.residual = TemporalConv(in_channels, out_channels, kernel_size=1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tcn1(self.gcn1(x))
+        if self.residual is not None:
+            y = y + self.residual(x)
+        return self.relu(y)
+
+
+# --------------------------------------------------------------------------- config + models
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in checkpoints and exports)."""
+
+    num_classes: int
+    num_nodes: int
+    edges: list[tuple[int, int]]
+    parts: dict[str, list[int]]
+    in_channels: int = 3
+    num_persons: int = 1
+    base_channels: int = 64
+    text_dim: int | None = None
+    dropout: float = 0.0
+    #: Stride-2 units (1-based), as in the reference design.
+    stride_units: tuple[int, ...] = (5, 8)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["edges"] = [list(e) for e in self.edges]
+        d["stride_units"] = list(self.stride_units)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ModelConfig":
+        d = dict(d)
+        d["edges"] = [tuple(int(v) for v in e) for e in d["edges"]]
+        d["parts"] = {str(k): [int(i) for i in v] for k, v in d["parts"].items()}
+        d["stride_units"] = tuple(d.get("stride_units", (5, 8)))
+        return cls(**d)
+
+
+class CTRGCNBackbone(nn.Module):
+    """Data BN + ten TCN-GCN units; returns the final feature map (N·M, C, T', V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = spatial_adjacency(cfg.num_nodes, cfg.edges)
+        w = cfg.base_channels
+        if w % 4:
+            raise ValueError(f"base_channels {w} must be a multiple of 4 (four temporal branches)")
+        widths = [w] * 4 + [2 * w] * 3 + [4 * w] * 3
+        self.data_bn = nn.BatchNorm1d(cfg.num_persons * cfg.in_channels * cfg.num_nodes)
+        _bn_init(self.data_bn, 1)
+        units = []
+        c_in = cfg.in_channels
+        for k, c_out in enumerate(widths, start=1):
+            stride = 2 if k in cfg.stride_units else 1
+            units.append(TCNGCNUnit(c_in, c_out, a, stride=stride, residual=(k != 1)))
+            c_in = c_out
+        self.units = nn.Sequential(*units)
+        self.out_channels = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, t, v, m = x.shape
+        x = x.permute(0, 4, 3, 1, 2).contiguous().view(n, m * v * c, t)
+        x = self.data_bn(x)
+        x = x.view(n, m, v, c, t).permute(0, 1, 3, 4, 2).contiguous().view(n * m, c, t, v)
+        return self.units(x)
+
+
+class SkeletonClassifier(nn.Module):
+    """The inference model: backbone → S_g (global average pooling) → linear classifier (eq. 2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = CTRGCNBackbone(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(self.backbone.out_channels, cfg.num_classes)
+        nn.init.normal_(self.classifier.weight, 0, math.sqrt(2.0 / cfg.num_classes))
+        nn.init.constant_(self.classifier.bias, 0)
+
+    def global_features(self, feat: torch.Tensor, n: int) -> torch.Tensor:
+        """S_g: mean over frames and joints, then over persons. ``feat`` is (N·M, C, T, V)."""
+        c = feat.shape[1]
+        return feat.view(n, -1, c, feat.shape[2] * feat.shape[3]).mean(3).mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.backbone(x)
+        return self.classifier(self.dropout(self.global_features(feat, x.shape[0])))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    #: Projected global feature (B, D) or None without projections.
+    global_embedding: torch.Tensor | None
+    #: Projected part features, part name → (B, D).
+    part_embeddings: dict[str, torch.Tensor]
+
+
+class GSPMCModel(SkeletonClassifier):
+    """Training model: the classifier plus part pooling and projections to the text space."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        c = self.backbone.out_channels
+        self.part_names = list(cfg.parts)
+        for name, idx in cfg.parts.items():
+            if not idx:
+                raise ValueError(f"part {name!r} has no keypoints")
+            if min(idx) < 0 or max(idx) >= cfg.num_nodes:
+                raise ValueError(f"part {name!r} indexes outside the {cfg.num_nodes}-node graph")
+        # Part membership as a (P, V) averaging matrix: one matmul pools all parts at once.
+        pool = torch.zeros(len(cfg.parts), cfg.num_nodes)
+        for p, idx in enumerate(cfg.parts.values()):
+            pool[p, list(idx)] = 1.0 / len(idx)
+        self.register_buffer("part_pool", pool, persistent=False)
+        if cfg.text_dim:
+            self.projections = nn.ModuleDict(
+                {"global": nn.Linear(c, cfg.text_dim), **{name: nn.Linear(c, cfg.text_dim) for name in cfg.parts}}
+            )
+        else:
+            self.projections = nn.ModuleDict()
+
+    def part_features(self, feat: torch.Tensor, n: int) -> torch.Tensor:
+        """S_p: (N, P, C), the final features averaged over frames, each part's joints and persons."""
+        c = feat.shape[1]
+        per_joint = feat.mean(2)  # N·M, C, V
+        parts = torch.einsum("bcv,pv->bpc", per_joint, self.part_pool.to(per_joint.dtype))
+        return parts.view(n, -1, parts.shape[1], c).mean(1)
+
+    def forward_train(self, x: torch.Tensor, with_embeddings: bool = True) -> ModelOutput:
+        n = x.shape[0]
+        feat = self.backbone(x)
+        s_g = self.global_features(feat, n)
+        logits = self.classifier(self.dropout(s_g))
+        if not with_embeddings or not len(self.projections):
+            return ModelOutput(logits, None, {})
+        s_p = self.part_features(feat, n)
+        parts = {name: self.projections[name](s_p[:, i]) for i, name in enumerate(self.part_names)}
+        return ModelOutput(logits, self.projections["global"](s_g), parts)
+
+    def inference_model(self) -> SkeletonClassifier:
+        """A plain classifier with this model's backbone and classifier weights (no projections)."""
+        cfg = ModelConfig.from_dict({**self.cfg.to_dict(), "text_dim": None})
+        out = SkeletonClassifier(cfg)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("projections.")}
+        out.load_state_dict(state)
+        return out.eval()
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per component: backbone, classifier, projections."""
+    def count(m: nn.Module | None) -> int:
+        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+    return {
+        "backbone": count(getattr(model, "backbone", None)),
+        "classifier": count(getattr(model, "classifier", None)),
+        "projections": count(getattr(model, "projections", None)),
+    }
+
+
+def flops_per_sample(model: nn.Module, frames: int, num_nodes: int, in_channels: int = 3, num_persons: int = 1) -> int:
+    """FLOPs of one inference forward pass on a single sample (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_channels, frames, num_nodes, num_persons)
+    counter = FlopCounterMode(display=False)
+    # No torch.no_grad(): FlopCounterMode's module tracker needs autograd on (it hooks grads).
+    with counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def model_config_for(layout, num_classes: int, base_channels: int = 64, text_dim: int | None = None,
+                     dropout: float = 0.0, in_channels: int = 3, num_persons: int = 1) -> ModelConfig:
+    """A :class:`ModelConfig` for a keypoint layout (``mc.keypoints.Layout``)."""
+    return ModelConfig(
+        num_classes=int(num_classes),
+        num_nodes=layout.num_nodes,
+        edges=[(int(a), int(b)) for a, b in layout.edges],
+        parts={name: [int(v) for v in nodes] for name, nodes in layout.parts.items()},
+        in_channels=in_channels,
+        num_persons=num_persons,
+        base_channels=base_channels,
+        text_dim=text_dim,
+        dropout=dropout,
+        extra={"layout": layout.name},
+    )
