@@ -147,6 +147,12 @@ class LLMSettings(_Section):
     tokens_per_minute: float | None = Field(None, gt=0)
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(180.0, gt=0)
+    retry_initial_s: float = Field(1.0, gt=0, description="First backoff wait; doubles per retry (with jitter).")
+    retry_max_s: float = Field(60.0, gt=0, description="Longest backoff wait, also the cap on a Retry-After.")
+    batch_size: int = Field(16, ge=1, description="Signs per Prefect task in the gsp flow.")
+    local_concurrency: int = Field(
+        1, ge=1, description="Concurrency against the embedded llama.cpp server (it answers one at a time)."
+    )
     repair_attempts: int = Field(2, ge=0, description="Re-asks after schema-invalid output.")
     synonyms: int = Field(3, ge=1, description="k: synonym variants per sign (P2).")
     retrieval_k: int = Field(4, ge=1)

@@ -1,0 +1,485 @@
+"""GSP generation (paper section 3.2): for every sign of a vocabulary, prompts P1–P4 produce the
+primary description Tb (eq. 3), k synonym variants Ts (eq. 4), the refined description Tg (eq. 5)
+and the part-level texts Tp (eq. 6), written as one description run (layout: :mod:`gsp.schema`).
+
+Per sign: retrieve → P1 → (P2 ‖ retrieve references → P3) → P4. A failure at any step becomes an
+explicit ``failed`` row with its reason (Tg and Tp fail with the upstream reason when Tb did);
+Ts still comes from the label when Tb failed. All signs run concurrently; the client's semaphore
+and rate limiters decide how many requests are in flight.
+
+The pieces (:func:`prepare_run`, :func:`describe_batch`, :func:`finalize_run`,
+:func:`llm_endpoint`) are what the Prefect flow wires as tasks; :func:`generate_descriptions`
+composes them without Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from gsp.atomic import write_json_atomic, write_text_atomic
+from gsp.llm.cache import ResponseCache
+from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, endpoint_host
+from gsp.llm.server import local_llm_server
+from gsp.llm.structured import inline_schema
+from gsp.prompts import Prompt, load_prompts, output_model, schema_text
+from gsp.schema import BODY_PARTS, KINDS, LATEST_POINTER, MANIFEST, STATUS_FAILED, STATUS_OK, row_key, write_kind
+from gsp.settings import Settings, get_settings
+from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
+
+log = logging.getLogger("gsp.generate")
+
+KIND_OF_PROMPT = {"P1": "Tb", "P2": "Ts", "P3": "Tg", "P4": "Tp"}
+NO_PASSAGES = "(no dictionary passage was found for this sign; describe it from general knowledge)"
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+class Retriever(Protocol):
+    """What generation needs from :class:`gsp.retrieval.Retriever`."""
+
+    manifest_id: str
+
+    def search(self, query: str, k: int = ...) -> list[Any]: ...
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+# --- references (P3) ------------------------------------------------------------------------
+
+_Q = "[\"'“”‘’«»]"
+_NQ = "[^\"'“”‘’«»]"
+SIGN_REF_PATTERNS = (
+    re.compile(rf"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?{_Q}(?P<name>{_NQ}{{1,40}}?){_Q}", re.I),
+    re.compile(r"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?(?P<name>[A-Z][A-Z\-]+(?:\s+[A-Z][A-Z\-]+)*)\b"),
+)
+HANDSHAPE_REF_PATTERNS = (
+    re.compile(rf"{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}[\s-]*hand\s*shape", re.I),
+    re.compile(rf"hand\s*shape\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
+    re.compile(rf"manual\s+(?:sign|alphabet(?:\s+letter)?|letter)\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
+    re.compile(r"\b(?P<name>[A-Z0-9](?:-[A-Za-z]+)?)[\s-]hand\s*shape\b"),
+)
+_NOT_NAMES = {"the", "a", "an", "one", "this", "that", "same", "other", "both", "each", "hand", "chart"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    kind: str   # 'sign' or 'handshape'
+    name: str
+
+    @property
+    def query(self) -> str:
+        return self.name if self.kind == "sign" else f"{self.name} handshape"
+
+
+def find_references(text: str) -> list[Reference]:
+    """Substituted references in a description: other signs ("the sign for LOVE", "same as
+    'good'") and handshape-chart entries ("the '5' handshape", "manual sign Q"), in order."""
+    found: list[Reference] = []
+    for kind, patterns in (("sign", SIGN_REF_PATTERNS), ("handshape", HANDSHAPE_REF_PATTERNS)):
+        for pattern in patterns:
+            for match in pattern.finditer(text or ""):
+                name = match.group("name").strip(" .,;:")
+                if not name or name.lower() in _NOT_NAMES:
+                    continue
+                ref = Reference(kind, name)
+                if all(r.kind != kind or r.name.lower() != name.lower() for r in found):
+                    found.append(ref)
+    return found
+
+
+# --- the run plan ---------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """Everything fixed before the first request."""
+
+    settings: Settings
+    vocabulary: Vocabulary
+    entries: list[VocabEntry]
+    prompts: dict[str, Prompt]
+    retriever: Retriever | None
+    index_dir: Path | None
+    out_root: Path
+    run_id: str
+    started_at: str = field(default_factory=utc_now)
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def batches(self, size: int) -> list[list[VocabEntry]]:
+        return [self.entries[i : i + size] for i in range(0, len(self.entries), size)]
+
+
+def load_retriever(index_dir: Path) -> Retriever:
+    from gsp.retrieval import Retriever as KBRetriever  # the knowledge base is optional for imports
+
+    return KBRetriever.load(index_dir)
+
+
+def prepare_run(vocab_path: Path | str, *, settings: Settings | None = None, index_dir: Path | None = None,
+                use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
+                limit: int | None = None, run_id: str | None = None,
+                retriever: Retriever | None = None) -> RunPlan:
+    """Load and check the vocabulary, prompts and index; choose the run id. Raises before any request."""
+    settings = settings or get_settings()
+    vocabulary = load_vocabulary(vocab_path)
+    entries = vocabulary.select(list(labels) if labels else None, limit)
+    if not entries:
+        raise GenerationError(f"{vocab_path}: no signs selected (limit={limit}, labels={labels})")
+    prompts = load_prompts(settings.paths.prompts_dir)
+    if retriever is None and use_index:
+        index_dir = Path(index_dir) if index_dir else settings.paths.index
+        retriever = load_retriever(index_dir)
+    elif retriever is None:
+        index_dir = None
+    return RunPlan(settings=settings, vocabulary=vocabulary, entries=entries, prompts=prompts,
+                   retriever=retriever, index_dir=index_dir,
+                   out_root=Path(out_dir) if out_dir else settings.paths.descriptions,
+                   run_id=run_id or new_run_id())
+
+
+@contextmanager
+def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
+    """The configured endpoint, or the embedded local server started for the duration.
+    Yields (endpoint, concurrency, is_local)."""
+    s = settings.llm
+    if s.base_url:
+        key = s.api_key.get_secret_value() if s.api_key else None
+        yield Endpoint(s.base_url, s.model, key, s.structured_output), s.concurrency, False
+        return
+    with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx,
+                          log_dir=settings.paths.cache / "logs") as server:
+        # llama.cpp rejects OpenAI's json_schema form; json_object + schema is its grammar mode.
+        yield Endpoint(server.base_url, server.model, None, "json_object_schema"), s.local_concurrency, True
+
+
+# --- describing signs -----------------------------------------------------------------------
+
+@dataclass
+class BatchResult:
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    no_hit: list[dict[str, Any]] = field(default_factory=list)
+    busy_s: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in KINDS})
+
+    def merge(self, other: "BatchResult") -> None:
+        for kind in KINDS:
+            self.rows[kind].extend(other.rows[kind])
+            self.busy_s[kind] += other.busy_s[kind]
+        self.no_hit.extend(other.no_hit)
+
+
+def hit_source(hit: Any) -> dict[str, Any]:
+    return {"chunk_id": str(hit.chunk_id), "file": str(hit.file), "page": int(hit.page)}
+
+
+def format_passages(hits: Sequence[Any]) -> str:
+    if not hits:
+        return NO_PASSAGES
+    lines = []
+    for i, hit in enumerate(hits, 1):
+        head = f" (entry: {hit.headword})" if getattr(hit, "headword", None) else ""
+        text = " ".join(str(hit.text).split())
+        lines.append(f"[{i}] {Path(str(hit.file)).name} p.{hit.page}{head}: {text}")
+    return "\n".join(lines)
+
+
+class SignDescriber:
+    """Runs P1–P4 for signs with one client and one retriever (all on one event loop)."""
+
+    def __init__(self, plan: RunPlan, client: LLMClient, on_done: Callable[[str], None] | None = None):
+        self.plan = plan
+        self.client = client
+        self.on_done = on_done or (lambda kind: None)
+        self.k = plan.settings.llm.synonyms
+        self._search_lock = threading.Lock()
+        self._search_memo: dict[tuple[str, int], list[Any]] = {}
+        self.models = {key: output_model(key, self.k) for key in KIND_OF_PROMPT}
+        self.schemas = {key: inline_schema(model) for key, model in self.models.items()}
+
+    # retrieval runs in a worker thread (embedding a query is CPU work) so requests keep flowing
+    def _search_sync(self, query: str, k: int) -> list[Any]:
+        with self._search_lock:
+            memo = self._search_memo.get((query, k))
+            if memo is None:
+                memo = list(self.plan.retriever.search(query, k=k))
+                self._search_memo[(query, k)] = memo
+            return memo
+
+    async def search(self, query: str, k: int) -> list[Any]:
+        if self.plan.retriever is None or not query.strip():
+            return []
+        return await asyncio.to_thread(self._search_sync, query, k)
+
+    async def retrieve_gloss(self, entry: VocabEntry) -> list[Any]:
+        """Top-k passages over the English and the native form of the gloss (best score per chunk)."""
+        k = self.plan.settings.llm.retrieval_k
+        best: dict[str, Any] = {}
+        for form in entry.query_forms():
+            for hit in await self.search(form, k):
+                if hit.chunk_id not in best or hit.score > best[hit.chunk_id].score:
+                    best[hit.chunk_id] = hit
+        return sorted(best.values(), key=lambda h: (-h.score, str(h.chunk_id)))[:k]
+
+    async def retrieve_references(self, texts: Sequence[str], exclude: set[str]) -> list[Any]:
+        hits: list[Any] = []
+        seen = set(exclude)
+        for ref in find_references("\n".join(texts)):
+            found = await self.search(ref.query, 2)
+            # the entry itself first when the index knows its headword
+            found = sorted(found, key=lambda h: (str(getattr(h, "headword", "") or "").lower() != ref.name.lower()))
+            for hit in found[:2]:
+                if hit.chunk_id not in seen:
+                    seen.add(hit.chunk_id)
+                    hits.append(hit)
+        return hits
+
+    async def ask(self, key: str, entry: VocabEntry, **variables: Any) -> tuple[ChatResult | None, str | None]:
+        prompt = self.plan.prompts[key]
+        messages = prompt.render(gloss=entry.describe(), schema=schema_text(self.models[key]), **variables)
+        started = time.monotonic()
+        try:
+            result = await self.client.structured(messages, self.models[key], self.schemas[key],
+                                                  name=f"{prompt.produces}_{key}", stage=KIND_OF_PROMPT[key])
+        except LLMCallError as exc:
+            return None, str(exc)
+        finally:
+            self._busy[KIND_OF_PROMPT[key]] += time.monotonic() - started
+        return result, result.error
+
+    def row(self, entry: VocabEntry, kind: str, variant: int, prompt: Prompt, result: ChatResult | None,
+            text: str | None, error: str | None, sources: Sequence[dict], body_parts: list[str] | None = None,
+            with_tokens: bool = True) -> dict[str, Any]:
+        ok = error is None and text is not None
+        return {
+            "key": row_key(entry.label, kind, variant),
+            "label": entry.label,
+            "gloss": entry.gloss,
+            "lang": entry.lang,
+            "kind": kind,
+            "variant": variant,
+            "text": text if ok else None,
+            "body_parts": list(body_parts) if (kind == "Tp" and ok) else ([] if kind == "Tp" else None),
+            "prompt_id": prompt.prompt_id,
+            "prompt_sha": prompt.sha,
+            "model": self.client.endpoint.model,
+            "temperature": self.plan.settings.llm.temperature,
+            "sources": list(sources),
+            "request_hash": result.request_hash if result else None,
+            "response_id": result.response_id if result else None,
+            # a request's tokens are counted once: on the first row it produced
+            "prompt_tokens": (result.prompt_tokens if result else 0) if with_tokens else 0,
+            "completion_tokens": (result.completion_tokens if result else 0) if with_tokens else 0,
+            "status": STATUS_OK if ok else STATUS_FAILED,
+            "error": None if ok else (error or "no output"),
+            "created_at": utc_now(),
+        }
+
+    async def describe(self, entry: VocabEntry, out: BatchResult) -> None:
+        p = self.plan.prompts
+        hits = await self.retrieve_gloss(entry)
+        if not hits:
+            out.no_hit.append({"label": entry.label, "gloss": entry.gloss})
+        sources = [hit_source(h) for h in hits]
+
+        tb_res, tb_err = await self.ask("P1", entry, passages=format_passages(hits))
+        tb_text = tb_res.parsed.description.strip() if tb_res and tb_res.ok else None
+        out.rows["Tb"].append(self.row(entry, "Tb", 0, p["P1"], tb_res, tb_text, tb_err, sources))
+        self.on_done("Tb")
+
+        async def synonyms() -> None:
+            res, err = await self.ask("P2", entry, k=self.k, primary=tb_text or "(none)")
+            variants = [v.strip() for v in res.parsed.variants] if res and res.ok else None
+            for i in range(self.k):
+                text = variants[i] if variants and i < len(variants) else None
+                out.rows["Ts"].append(self.row(entry, "Ts", i, p["P2"], res, text, err,
+                                               sources if tb_text else [], with_tokens=i == 0))
+            self.on_done("Ts")
+
+        async def refine_and_split() -> None:
+            if tb_text is None:
+                err = f"upstream Tb failed: {tb_err}"
+                out.rows["Tg"].append(self.row(entry, "Tg", 0, p["P3"], None, None, err, sources))
+                self.on_done("Tg")
+                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], None, None, err, sources))
+                self.on_done("Tp")
+                return
+            own = [h.text for h in hits if str(getattr(h, "headword", "") or "").lower()
+                   in {f.lower() for f in entry.query_forms()}]
+            ref_hits = await self.retrieve_references([tb_text, *own], exclude={h.chunk_id for h in hits})
+            tg_hits = list(hits) + ref_hits
+            tg_sources = [hit_source(h) for h in tg_hits]
+            tg_res, tg_err = await self.ask("P3", entry, primary=tb_text, passages=format_passages(tg_hits))
+            tg_text = tg_res.parsed.description.strip() if tg_res and tg_res.ok else None
+            out.rows["Tg"].append(self.row(entry, "Tg", 0, p["P3"], tg_res, tg_text, tg_err, tg_sources))
+            self.on_done("Tg")
+            if tg_text is None:
+                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], None, None,
+                                               f"upstream Tg failed: {tg_err}", tg_sources))
+                self.on_done("Tp")
+                return
+            tp_res, tp_err = await self.ask("P4", entry, refined=tg_text, body_parts=", ".join(BODY_PARTS))
+            if tp_res and tp_res.ok:
+                for i, part in enumerate(tp_res.parsed.parts):
+                    out.rows["Tp"].append(self.row(entry, "Tp", i, p["P4"], tp_res, part.text.strip(), None,
+                                                   tg_sources, body_parts=sorted(set(part.body_parts),
+                                                                                 key=BODY_PARTS.index),
+                                                   with_tokens=i == 0))
+            else:
+                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], tp_res, None, tp_err, tg_sources))
+            self.on_done("Tp")
+
+        await asyncio.gather(synonyms(), refine_and_split())
+
+    async def describe_all(self, entries: Sequence[VocabEntry]) -> BatchResult:
+        out = BatchResult()
+        self._busy = out.busy_s
+        await asyncio.gather(*(self.describe(e, out) for e in entries))
+        return out
+
+
+async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[VocabEntry],
+                         on_done: Callable[[str], None] | None = None) -> BatchResult:
+    """P1–P4 for ``entries``; never raises for a sign's failure (those are rows), only for a
+    fatal endpoint error (:class:`gsp.llm.FatalLLMError`)."""
+    return await SignDescriber(plan, client, on_done).describe_all(entries)
+
+
+# --- writing the run ------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def failed(self) -> int:
+        return sum(c["failed"] for c in self.manifest["counts"].values())
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"description run {m['run_id']} → {self.run_dir}"]
+        for kind in KINDS:
+            c = m["counts"][kind]
+            u = m["usage"].get(kind, {})
+            lines.append(f"  {kind}: {c['ok']} ok, {c['failed']} failed; requests {u.get('requests', 0)}, "
+                         f"cached {u.get('cached', 0)}; tokens {u.get('prompt_tokens', 0)}+"
+                         f"{u.get('completion_tokens', 0)}")
+        t = m["tokens"]
+        cost = f", cost {m['cost']:.4f}" if m.get("cost") is not None else ""
+        lines.append(f"  total: {t['prompt']}+{t['completion']} tokens this run{cost}; "
+                     f"{self.failed} failed row(s); {len(m['no_retrieval_hit'])} gloss(es) without a dictionary hit")
+        return "\n".join(lines)
+
+
+def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_local: bool = False) -> RunResult:
+    """Write the four parquet files and the manifest into a staging folder, publish it as
+    ``<out>/<run_id>`` with one rename, then point ``LATEST`` at it. A run folder is never rewritten."""
+    run_dir = plan.out_root / plan.run_id
+    if run_dir.exists():
+        raise GenerationError(f"{run_dir}: run folder exists; a run is never overwritten")
+    staging = plan.out_root / f".{plan.run_id}.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        write_kind(staging, kind, result.rows[kind])
+
+    s = plan.settings
+    usage = client.usage_dict()
+    counts = {kind: {"rows": len(rows), "ok": sum(r["status"] == STATUS_OK for r in rows),
+                     "failed": sum(r["status"] == STATUS_FAILED for r in rows),
+                     "signs": len({r["label"] for r in rows})}
+              for kind, rows in result.rows.items()}
+    failures = sorted(({"key": r["key"], "label": r["label"], "gloss": r["gloss"], "kind": r["kind"],
+                        "error": r["error"]} for rows in result.rows.values() for r in rows
+                       if r["status"] == STATUS_FAILED), key=lambda f: f["key"])
+    costs = [u["cost"] for u in usage.values() if u["cost"] is not None]
+    manifest = {
+        "run_id": plan.run_id,
+        "status": "complete",
+        "started_at": plan.started_at,
+        "finished_at": utc_now(),
+        "vocabulary": {"path": str(plan.vocabulary.path), "sha256": plan.vocabulary.sha256,
+                       "signs_in_file": len(plan.vocabulary.entries), "signs_run": len(plan.entries)},
+        "index": {"dir": str(plan.index_dir) if plan.index_dir else None,
+                  "manifest_id": getattr(plan.retriever, "manifest_id", None)},
+        "model": client.endpoint.model,
+        "endpoint": endpoint_host(client.endpoint.base_url),
+        "local_server": is_local,
+        "structured_output": client.endpoint.structured_output,
+        "prompts": {key: {"id": p.prompt_id, "sha": p.sha, "file": p.path.name, "produces": p.produces}
+                    for key, p in plan.prompts.items()},
+        "settings": s.public_dict(),
+        "counts": counts,
+        "failures": failures,
+        "no_retrieval_hit": sorted(result.no_hit, key=lambda h: h["label"]),
+        "usage": usage,
+        "tokens": {"prompt": sum(u["prompt_tokens"] for u in usage.values()),
+                   "completion": sum(u["completion_tokens"] for u in usage.values()),
+                   "cached_prompt": sum(u["cached_prompt_tokens"] for u in usage.values()),
+                   "cached_completion": sum(u["cached_completion_tokens"] for u in usage.values())},
+        "requests": sum(u["requests"] for u in usage.values()),
+        "cached_responses": sum(u["cached"] for u in usage.values()),
+        "cost": sum(costs) if costs else None,
+        "timings": {"wall_s": round(time.monotonic() - plan.started_monotonic, 3),
+                    "busy_s": {k: round(v, 3) for k, v in result.busy_s.items()}},
+    }
+    write_json_atomic(staging / MANIFEST, manifest)
+    staging.rename(run_dir)
+    write_text_atomic(plan.out_root / LATEST_POINTER, plan.run_id + "\n")
+    return RunResult(run_dir=run_dir, manifest=manifest)
+
+
+# --- the whole thing, without Prefect --------------------------------------------------------
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
+    if not enabled:
+        yield lambda kind: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False) as bar:
+        tasks = {kind: bar.add_task(f"{kind} (P{i + 1})", total=total) for i, kind in enumerate(KINDS)}
+        yield lambda kind: bar.advance(tasks[kind])
+
+
+async def agenerate(plan: RunPlan, *, progress: bool = False) -> RunResult:
+    settings = plan.settings
+    cache = ResponseCache(settings.paths.cache)
+    try:
+        with llm_endpoint(settings) as (endpoint, concurrency, is_local):
+            client = LLMClient(endpoint, settings.llm, cache, concurrency=concurrency)
+            try:
+                with _progress(progress, len(plan.entries)) as on_done:
+                    result = await describe_batch(plan, client, plan.entries, on_done)
+                return finalize_run(plan, result, client, is_local=is_local)
+            finally:
+                await client.aclose()
+    finally:
+        cache.close()
+
+
+def generate_descriptions(vocab_path: Path | str, *, settings: Settings | None = None, index_dir: Path | None = None,
+                          use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
+                          limit: int | None = None, run_id: str | None = None, retriever: Retriever | None = None,
+                          progress: bool = False) -> RunResult:
+    """Describe the vocabulary's signs with P1–P4 and write one description run (no Prefect)."""
+    plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_dir,
+                       labels=labels, limit=limit, run_id=run_id, retriever=retriever)
+    return asyncio.run(agenerate(plan, progress=progress))

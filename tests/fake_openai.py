@@ -1,0 +1,283 @@
+"""A loopback server that speaks the OpenAI chat-completions protocol, for tests and benchmarks.
+
+Deterministic: the answer is a function of the request body (its SHA-256), so two runs get the same
+text and the same response id. It recognises the shape the generator asks for (description,
+``variants`` with k items, ``parts`` with body-part tags) from the request's schema or prompt.
+
+Switchable faults (:class:`Fault`): ``429`` (with Retry-After), ``500``, ``drop`` (connection closed
+without an answer), ``slow`` (answer after ``delay_s``), ``truncated`` (body shorter than its
+Content-Length), ``garbage`` (HTTP body is not JSON), ``invalid_json`` (message content is not
+JSON), ``schema_invalid`` (content is JSON of the wrong shape). A fault applies to requests whose
+text contains ``only_if`` (default: all), for the first ``times`` attempts of each distinct body
+(``None``: always).
+
+Run standalone: ``python tests/fake_openai.py --port 8011 --latency 0.2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+BODY_PARTS = ("body", "left_hand", "right_hand", "mouth", "face")
+FAULT_KINDS = ("429", "500", "drop", "slow", "truncated", "garbage", "invalid_json", "schema_invalid")
+
+
+@dataclass
+class Fault:
+    kind: str
+    times: int | None = 1
+    only_if: str | None = None
+    retry_after: float = 1.0
+    delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {self.kind!r}; expected one of {FAULT_KINDS}")
+
+
+@dataclass
+class Record:
+    t: float
+    body_hash: str
+    status: int          # HTTP status sent (0: connection dropped / truncated)
+    response_id: str | None
+    fault: str | None
+    authorization: str | None
+
+
+def body_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _all_text(body: dict) -> str:
+    return "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+
+
+def _schema(body: dict) -> dict | None:
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return fmt.get("json_schema", {}).get("schema")
+    return fmt.get("schema")
+
+
+def answer_for(body: dict, digest: str) -> dict:
+    """The deterministic JSON answer for a request."""
+    text = _all_text(body)
+    schema = _schema(body)
+    shape_text = json.dumps(schema) if schema else text
+    sign = re.search(r"^Sign:\s*(.+)$", text, re.M)
+    sign = sign.group(1).strip() if sign else "the sign"
+    tag = digest[:8]
+    if '"parts"' in shape_text:
+        n = 1 + int(digest[8:10], 16) % 3
+        parts = []
+        for i in range(n):
+            a = BODY_PARTS[int(digest[10 + i], 16) % 5]
+            b = BODY_PARTS[int(digest[14 + i], 16) % 5]
+            parts.append({"text": f"part {i + 1} of {sign}: the {a.replace('_', ' ')} moves [{tag}]",
+                          "body_parts": sorted({a, b}, key=BODY_PARTS.index)})
+        return {"parts": parts}
+    if '"variants"' in shape_text:
+        k = re.search(r'"minItems":\s*(\d+)', shape_text)
+        k = int(k.group(1)) if k else 3
+        return {"variants": [f"variant {i + 1} of {sign}: the palm pushes forward [{tag}]" for i in range(k)]}
+    return {"description": f"{sign}: the right hand, flat, moves forward from the chest [{tag}]"}
+
+
+class FakeOpenAI:
+    """Start with ``with FakeOpenAI() as srv:``; ``srv.base_url`` ends in ``/v1``."""
+
+    def __init__(self, latency_s: float = 0.0, port: int = 0, model: str = "fake-model"):
+        self.latency_s = latency_s
+        self.model = model
+        self.faults: list[Fault] = []
+        self.records: list[Record] = []
+        self.bodies: dict[str, dict] = {}
+        self._attempts: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._httpd.daemon_threads = True
+        self._httpd.request_queue_size = 128
+        self._thread: threading.Thread | None = None
+
+    # -- public --------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "FakeOpenAI":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.records.clear()
+            self._attempts.clear()
+
+    @property
+    def request_count(self) -> int:
+        return len(self.records)
+
+    def completed(self) -> dict[str, list[str]]:
+        """body hash → response ids of the successful (200, well-formed) answers sent."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for r in self.records:
+            if r.status == 200 and r.fault is None:
+                out[r.body_hash].append(r.response_id)
+        return dict(out)
+
+    # -- internals -----------------------------------------------------------------------
+    def _pick_fault(self, digest: str, text: str) -> Fault | None:
+        with self._lock:
+            attempt = self._attempts[digest]
+            self._attempts[digest] += 1
+        for fault in self.faults:
+            if fault.only_if is not None and fault.only_if not in text:
+                continue
+            if fault.times is None or attempt < fault.times:
+                return fault
+        return None
+
+    def _record(self, *args) -> None:
+        with self._lock:
+            self.records.append(Record(time.time(), *args))
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, payload: bytes, headers: dict | None = None,
+                      declared_length: int | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(declared_length or len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+                self.wfile.flush()
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [
+                        {"id": server.model, "object": "model", "owned_by": "fake"}]}).encode())
+                else:
+                    self._send(404, b'{"error": {"message": "not found"}}')
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                auth = self.headers.get("Authorization")
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError:
+                    self._send(400, b'{"error": {"message": "request body is not JSON"}}')
+                    return
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send(404, b'{"error": {"message": "not found"}}')
+                    return
+                digest = body_hash(body)
+                with server._lock:
+                    server.bodies[digest] = body
+                text = _all_text(body)
+                fault = server._pick_fault(digest, text)
+                kind = fault.kind if fault else None
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if kind == "429":
+                    server._record(digest, 429, None, kind, auth)
+                    self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
+                               {"Retry-After": f"{fault.retry_after:g}"})
+                    return
+                if kind == "500":
+                    server._record(digest, 500, None, kind, auth)
+                    self._send(500, b'{"error": {"message": "internal error"}}')
+                    return
+                if kind == "drop":
+                    server._record(digest, 0, None, kind, auth)
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                if kind == "slow":
+                    time.sleep(fault.delay_s)
+                response_id = "chatcmpl-" + digest[:24]
+                if kind == "invalid_json":
+                    content = "Sure! Here is the description: the hand moves {"
+                elif kind == "schema_invalid":
+                    content = json.dumps({"unexpected": "shape", "items": [1, 2]})
+                else:
+                    content = json.dumps(answer_for(body, digest), ensure_ascii=False)
+                prompt_tokens = max(1, len(text) // 4)
+                completion_tokens = max(1, len(content) // 4)
+                payload = json.dumps({
+                    "id": response_id, "object": "chat.completion", "created": 1700000000,
+                    "model": body.get("model", server.model),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens},
+                }, ensure_ascii=False).encode()
+                if kind == "garbage":
+                    server._record(digest, 200, response_id, kind, auth)
+                    self._send(200, b"<html>upstream proxy error</html>")
+                    return
+                if kind == "truncated":
+                    server._record(digest, 0, response_id, kind, auth)
+                    self.close_connection = True
+                    self._send(200, payload[: len(payload) // 2], declared_length=len(payload))
+                    return
+                server._record(digest, 200, response_id, kind, auth)
+                self._send(200, payload)
+
+        return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    srv = FakeOpenAI(latency_s=args.latency, port=args.port).start()
+    print(f"fake OpenAI server on {srv.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()
