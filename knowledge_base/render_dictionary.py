@@ -24,6 +24,7 @@ import csv
 import io
 import sys
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -268,36 +269,37 @@ def render_zh_pdf(source: ZhSource, font_path: Path) -> bytes:
     pdf.footer_font = ("cjk", "", 8)
     pdf.footer_text = "第 {n} 页"
     # Chinese has no spaces between words: wrap at any character.
-    para = lambda h, text: pdf.multi_cell(  # noqa: E731
-        0, h, text, align="L", new_x="LMARGIN", new_y="NEXT", wrapmode="CHAR")
+    para = partial(_para, wrapmode="CHAR")
 
     pdf.add_page()
     pdf.set_y(60)
     pdf.set_font("cjk", "", 22)
-    para(11, source.title)
+    para(pdf, 11, source.title)
     pdf.ln(10)
     pdf.set_font("cjk", "", 13)
-    para(7, "声明")
+    para(pdf, 7, "声明")
     pdf.set_font("cjk", "", 11)
-    para(6.5, _single_line(source.disclaimer))
+    para(pdf, 6.5, _single_line(source.disclaimer))
 
     pdf.add_page()
     pdf.set_font("cjk", "", 16)
-    para(9, "词条")
+    para(pdf, 9, "词条")
     pdf.ln(3)
     for entry in sorted(source.entries, key=lambda e: e.class_id):
+        # Inside `unbreakable` every call must go through `doc`: it records them so it can
+        # replay the whole entry on the next page (calls on `pdf` would be lost).
         with pdf.unbreakable() as doc:
             doc.set_font("cjk", "", 14)
-            para(7.5, entry.gloss_zh)
+            para(doc, 7.5, entry.gloss_zh)
             doc.set_font("cjk", "", 9)
-            para(5, f"英文：{entry.gloss_en}")
+            para(doc, 5, f"英文：{entry.gloss_en}")
             doc.set_font("cjk", "", 11)
-            para(6.5, _single_line(entry.prose))
+            para(doc, 6.5, _single_line(entry.prose))
             if entry.notes:
                 doc.set_font("cjk", "", 9)
-                para(5, ZH_NOTES_LABEL)
+                para(doc, 5, ZH_NOTES_LABEL)
                 for note in entry.notes:
-                    para(5, _single_line(note))
+                    para(doc, 5, _single_line(note))
             doc.ln(4)
     return bytes(pdf.output())
 
