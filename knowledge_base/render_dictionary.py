@@ -156,7 +156,7 @@ def render_dictionary_pdf(source: SignSource, source_path: Path = SOURCE_EN) -> 
     pdf.set_font("helvetica", "", 11)
     _para(pdf, 6, _single_line(source.disclaimer))
     pdf.ln(8)
-    pdf.set_font("helvetica", "", 11)
+    pdf.set_font("helvetica", "B", 11)
     _para(pdf, 6, "How to read this dictionary")
     pdf.set_font("helvetica", "", 10)
     _para(pdf, 5.5, (
