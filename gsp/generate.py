@@ -69,9 +69,11 @@ _NQ = "[^\"'“”‘’«»]"
 SIGN_REF_PATTERNS = (
     re.compile(rf"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?{_Q}(?P<name>{_NQ}{{1,40}}?){_Q}", re.I),
     re.compile(r"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?(?P<name>[A-Z][A-Z\-]+(?:\s+[A-Z][A-Z\-]+)*)\b"),
+    # Chinese dictionaries: 手势同“好” ("the handshape is that of GOOD"), 同“饿”
+    re.compile(rf"同\s*{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}"),
 )
 HANDSHAPE_REF_PATTERNS = (
-    re.compile(rf"{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}[\s-]*hand\s*shape", re.I),
+    re.compile(rf"{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}[\s-]*hand(?:\s*shape)?\b", re.I),
     re.compile(rf"hand\s*shape\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
     re.compile(rf"manual\s+(?:sign|alphabet(?:\s+letter)?|letter)\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
     re.compile(r"\b(?P<name>[A-Z0-9](?:-[A-Za-z]+)?)[\s-]hand\s*shape\b"),

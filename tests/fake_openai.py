@@ -38,6 +38,8 @@ class Fault:
     only_if: str | None = None
     retry_after: float = 1.0
     delay_s: float = 5.0
+    total: int | None = None   # stop after this many applications over all bodies
+    applied: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -93,6 +95,11 @@ def answer_for(body: dict, digest: str) -> dict:
     return {"description": f"{sign}: the right hand, flat, moves forward from the chest [{tag}]"}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # clients that hang up are expected
+        pass
+
+
 class FakeOpenAI:
     """Start with ``with FakeOpenAI() as srv:``; ``srv.base_url`` ends in ``/v1``."""
 
@@ -104,7 +111,7 @@ class FakeOpenAI:
         self.bodies: dict[str, dict] = {}
         self._attempts: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self._httpd.request_queue_size = 128
         self._thread: threading.Thread | None = None
@@ -159,7 +166,11 @@ class FakeOpenAI:
         for fault in self.faults:
             if fault.only_if is not None and fault.only_if not in text:
                 continue
+            if fault.total is not None and fault.applied >= fault.total:
+                continue
             if fault.times is None or attempt < fault.times:
+                with self._lock:
+                    fault.applied += 1
                 return fault
         return None
 
@@ -232,6 +243,8 @@ class FakeOpenAI:
                         pass
                     return
                 if kind == "slow":
+                    # recorded on arrival: a client that times out never sees the late answer
+                    server._record(digest, 0, None, kind, auth)
                     time.sleep(fault.delay_s)
                 response_id = "chatcmpl-" + digest[:24]
                 if kind == "invalid_json":
@@ -259,8 +272,12 @@ class FakeOpenAI:
                     self.close_connection = True
                     self._send(200, payload[: len(payload) // 2], declared_length=len(payload))
                     return
-                server._record(digest, 200, response_id, kind, auth)
-                self._send(200, payload)
+                if kind != "slow":
+                    server._record(digest, 200, response_id, kind, auth)
+                try:
+                    self._send(200, payload)
+                except OSError:  # the client gave up (timeout) or was killed
+                    self.close_connection = True
 
         return Handler
 

@@ -289,7 +289,7 @@ class LLMClient:
         requested = retry_after_seconds(exc) if exc is not None else None
         if requested is not None:
             return min(requested, self.settings.retry_max_s)
-        return wait_exponential_jitter(initial=self.settings.retry_initial_s, max=self.settings.retry_max_s)(state)
+        return wait_exponential_jitter(multiplier=self.settings.retry_initial_s, max=self.settings.retry_max_s)(state)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

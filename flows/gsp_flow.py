@@ -1,0 +1,139 @@
+"""The Prefect flow ``gsp``: ingest the knowledge base (incremental), then generate the sign
+descriptions P1–P4 in batches of signs, then write the run and publish a summary.
+
+Thin wiring: every step is a function of :mod:`gsp.generate` (usable without Prefect). The flow is
+async so that all batch tasks share one event loop, one LLM client and therefore one set of
+concurrency and rate limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.ingest import ingest_task
+from gsp.generate import (
+    BatchResult,
+    RunPlan,
+    describe_batch,
+    finalize_run,
+    llm_endpoint,
+    prepare_run,
+)
+from gsp.llm.cache import ResponseCache
+from gsp.llm.client import LLMClient
+from gsp.schema import KINDS, STATUS_OK
+from gsp.settings import Settings
+
+
+def build_settings(*, base_url: str | None = None, model: str | None = None, structured_output: str | None = None,
+                   concurrency: int | None = None, synonyms: int | None = None,
+                   artifacts_dir: str | None = None, prompts_dir: str | None = None) -> Settings:
+    """Settings from the environment/config with the flow's explicit overrides on top."""
+    llm = {k: v for k, v in {"base_url": base_url, "model": model, "structured_output": structured_output,
+                             "concurrency": concurrency, "synonyms": synonyms}.items() if v is not None}
+    paths = {k: v for k, v in {"artifacts_dir": artifacts_dir, "prompts_dir": prompts_dir}.items() if v is not None}
+    return Settings(llm=llm, paths=paths)
+
+
+@task(name="plan-description-run", cache_policy=NO_CACHE)
+def plan_task(vocab: str, settings: Settings, index_dir: str | None, use_index: bool, out_dir: str | None,
+              labels: list[int] | None, limit: int | None) -> RunPlan:
+    plan = prepare_run(vocab, settings=settings, index_dir=Path(index_dir) if index_dir else None,
+                       use_index=use_index, out_dir=Path(out_dir) if out_dir else None, labels=labels, limit=limit)
+    get_run_logger().info("run %s: %d sign(s) from %s", plan.run_id, len(plan.entries), vocab)
+    return plan
+
+
+@task(name="generate-batch", cache_policy=NO_CACHE, task_run_name="generate-batch-{index:03d}")
+async def batch_task(plan: RunPlan, client: LLMClient, entries: list, index: int) -> BatchResult:
+    result = await describe_batch(plan, client, entries)
+    failed = sum(r["status"] != STATUS_OK for rows in result.rows.values() for r in rows)
+    get_run_logger().info("batch %d: labels %d–%d, %d failed row(s)", index, entries[0].label,
+                          entries[-1].label, failed)
+    return result
+
+
+@task(name="write-description-run", cache_policy=NO_CACHE)
+def write_task(plan: RunPlan, result: BatchResult, client: LLMClient, is_local: bool) -> dict[str, Any]:
+    run = finalize_run(plan, result, client, is_local=is_local)
+    get_run_logger().info("%s", run.summary())
+    return {"run_dir": str(run.run_dir), "manifest": run.manifest, "failed": run.failed, "summary": run.summary()}
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_task(written: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    m = written["manifest"]
+    table = []
+    for kind in KINDS:
+        u = m["usage"].get(kind, {})
+        c = m["counts"][kind]
+        table.append({"kind": kind, "rows": c["rows"], "ok": c["ok"], "failed": c["failed"],
+                      "requests": u.get("requests", 0), "cached": u.get("cached", 0),
+                      "prompt_tokens": u.get("prompt_tokens", 0), "completion_tokens": u.get("completion_tokens", 0),
+                      "cost": u.get("cost")})
+    create_table_artifact(key="gsp-descriptions", table=table,
+                          description=f"Description run {m['run_id']} ({m['model']} at {m['endpoint']})")
+    lines = [f"# Description run `{m['run_id']}`", "", f"Written to `{written['run_dir']}`.", ""]
+    for s in samples:
+        lines += [f"## {s['label']} · {s['gloss']}", ""]
+        for kind in ("Tb", "Tg"):
+            if s.get(kind):
+                lines.append(f"- **{kind}**: {s[kind]}")
+        for part in s.get("Tp", []):
+            lines.append(f"- **Tp** [{', '.join(part['body_parts'])}]: {part['text']}")
+        lines.append("")
+    create_markdown_artifact(key="gsp-description-samples", markdown="\n".join(lines),
+                             description="A few generated descriptions")
+
+
+def _samples(result: BatchResult, n: int = 3) -> list[dict[str, Any]]:
+    labels = sorted({r["label"] for r in result.rows["Tg"] if r["status"] == STATUS_OK})[:n]
+    out = []
+    for label in labels:
+        pick = {kind: [r for r in result.rows[kind] if r["label"] == label and r["status"] == STATUS_OK]
+                for kind in KINDS}
+        out.append({"label": label, "gloss": pick["Tg"][0]["gloss"],
+                    "Tb": pick["Tb"][0]["text"] if pick["Tb"] else None, "Tg": pick["Tg"][0]["text"],
+                    "Tp": [{"text": r["text"], "body_parts": list(r["body_parts"])} for r in pick["Tp"]]})
+    return out
+
+
+@flow(name="gsp")
+async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | None = None,
+                   index_dir: str | None = None, kb_dir: str | None = None, out_dir: str | None = None,
+                   ingest: bool = True, use_index: bool = True, base_url: str | None = None,
+                   model: str | None = None, structured_output: str | None = None,
+                   concurrency: int | None = None, synonyms: int | None = None) -> dict[str, Any]:
+    """Ingest (incremental) → P1–P4 per batch of signs → Tb/Ts/Tg/Tp parquet + manifest.
+
+    Model settings not given here come from the environment (``GSP_LLM_*``); with no endpoint
+    configured the embedded local llama.cpp server is started for the run."""
+    settings = build_settings(base_url=base_url, model=model, structured_output=structured_output,
+                              concurrency=concurrency, synonyms=synonyms)
+    if use_index and ingest:
+        report = ingest_task(kb_dir, index_dir)
+        index_dir = report["index_dir"]
+    plan = plan_task(vocab, settings, index_dir, use_index, out_dir, labels, limit)
+    cache = ResponseCache(settings.paths.cache)
+    try:
+        with llm_endpoint(settings) as (endpoint, conc, is_local):
+            client = LLMClient(endpoint, settings.llm, cache, concurrency=conc)
+            try:
+                batches = plan.batches(settings.llm.batch_size)
+                results = await asyncio.gather(*(batch_task(plan, client, b, i) for i, b in enumerate(batches)))
+                merged = BatchResult()
+                for r in results:
+                    merged.merge(r)
+                written = write_task(plan, merged, client, is_local)
+            finally:
+                await client.aclose()
+    finally:
+        cache.close()
+    publish_task(written, _samples(merged))
+    return {k: written[k] for k in ("run_dir", "failed", "summary")}

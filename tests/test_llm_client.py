@@ -1,0 +1,213 @@
+"""The LLM client against the loopback chat-completions server: structured-output modes, retries
+on every fault kind, Retry-After, re-asks on invalid output, rate limits, the response cache."""
+
+import asyncio
+import json
+
+import pytest
+
+from fake_openai import Fault, FakeOpenAI
+from gsp.llm import Endpoint, LLMClient, ResponseCache, inline_schema
+from gsp.llm.client import FatalLLMError, LLMCallError, endpoint_host, retry_after_seconds
+from gsp.llm.structured import OutputInvalid, parse_json
+from gsp.prompts import DescriptionOut, PartsOut
+from gsp.settings import LLMSettings
+
+MESSAGES = [{"role": "system", "content": "Describe signs."}, {"role": "user", "content": "Sign: hello"}]
+
+
+@pytest.fixture
+def srv():
+    with FakeOpenAI() as server:
+        yield server
+
+
+def make_client(srv, tmp_path, mode="json_schema", cache=True, key="sk-test", **llm):
+    llm = {"retry_initial_s": 0.05, "retry_max_s": 3.0, "timeout_s": 5.0, **llm}
+    settings = LLMSettings(base_url=srv.base_url, model="fake", structured_output=mode, **llm)
+    return LLMClient(Endpoint(srv.base_url, "fake", key, mode), settings,
+                     ResponseCache(tmp_path / "cache") if cache else None)
+
+
+def ask(client, messages=MESSAGES, model=DescriptionOut, stage="Tb"):
+    async def go():
+        try:
+            return await client.structured(messages, model, inline_schema(model), name="t", stage=stage)
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("json_schema", {"type": "json_schema"}),
+    ("json_object", {"type": "json_object"}),
+    ("json_object_schema", {"type": "json_object"}),
+])
+def test_structured_output_modes(srv, tmp_path, mode, expected):
+    # the prompts always state the schema too (json_object mode has nothing else to go by)
+    messages = [{"role": "system", "content": "Answer with JSON: " + json.dumps(inline_schema(PartsOut))},
+                MESSAGES[1]]
+    result = ask(make_client(srv, tmp_path, mode), messages=messages, model=PartsOut, stage="Tp")
+    assert result.ok and result.parsed.parts
+    (body,) = srv.bodies.values()
+    fmt = body["response_format"]
+    assert fmt["type"] == expected["type"]
+    if mode == "json_schema":
+        assert fmt["json_schema"]["schema"]["properties"]["parts"]["items"]["properties"]["body_parts"]["items"]["enum"] \
+            == ["body", "left_hand", "right_hand", "mouth", "face"]
+    elif mode == "json_object_schema":
+        assert "$ref" not in json.dumps(fmt["schema"]) and "parts" in fmt["schema"]["properties"]
+    else:
+        assert set(fmt) == {"type"}
+    assert body["seed"] == 0 and body["temperature"] == 0.3
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "drop", "truncated", "garbage", "slow"])
+def test_transient_faults_are_retried(srv, tmp_path, kind):
+    srv.faults = [Fault(kind, times=2, retry_after=0.1, delay_s=3.0)]
+    client = make_client(srv, tmp_path, timeout_s=1.0) if kind == "slow" else make_client(srv, tmp_path)
+    result = ask(client)
+    assert result.ok, result.error
+    assert srv.request_count == 3
+    assert client.usage["Tb"].retries == 2 and client.usage["Tb"].requests == 3
+
+
+def test_retry_after_is_honoured(srv, tmp_path):
+    srv.faults = [Fault("429", times=1, retry_after=1.5)]
+    client = make_client(srv, tmp_path, retry_initial_s=0.01)
+    assert ask(client).ok
+    first, second = srv.records
+    assert first.status == 429 and second.status == 200
+    assert second.t - first.t >= 1.4  # the server asked for 1.5 s; the backoff alone would be ~0.01 s
+
+
+def test_retries_exhausted_is_a_call_error_with_the_reason(srv, tmp_path):
+    srv.faults = [Fault("500", times=None)]
+    client = make_client(srv, tmp_path, max_retries=2)
+    with pytest.raises(LLMCallError, match=r"HTTP 500.*after 3 attempt"):
+        ask(client)
+    assert srv.request_count == 3
+
+
+def test_auth_failure_is_fatal(tmp_path):
+    # a real loopback server that refuses the key
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": {"message": "invalid key"}}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        class S:
+            base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        with pytest.raises(FatalLLMError, match="401") as info:
+            ask(make_client(S, tmp_path, key="sk-VERYSECRET"))
+        assert "VERYSECRET" not in str(info.value)
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["invalid_json", "schema_invalid"])
+def test_invalid_output_is_re_asked_with_the_error(srv, tmp_path, kind):
+    srv.faults = [Fault(kind, total=1)]
+    client = make_client(srv, tmp_path)
+    result = ask(client)
+    assert result.ok
+    assert client.usage["Tb"].repairs == 1
+    bodies = list(srv.bodies.values())
+    assert len(bodies) == 2
+    repair = bodies[1]["messages"]
+    assert repair[-2]["role"] == "assistant" and repair[-1]["content"].startswith("That answer is invalid")
+
+
+def test_always_invalid_output_fails_after_bounded_re_asks(srv, tmp_path):
+    srv.faults = [Fault("schema_invalid", times=None)]
+    client = make_client(srv, tmp_path, repair_attempts=2)
+    result = ask(client)
+    assert not result.ok
+    assert "invalid output after 3 answer(s)" in result.error and "description" in result.error
+    assert srv.request_count == 3
+
+
+def test_cache_makes_a_repeat_free_and_survives_reopening(srv, tmp_path):
+    first = ask(make_client(srv, tmp_path))
+    assert srv.request_count == 1
+    again = make_client(srv, tmp_path)  # a new client over the same cache file, as after a restart
+    second = ask(again)
+    assert srv.request_count == 1
+    assert again.usage["Tb"].cached == 1 and again.usage["Tb"].requests == 0
+    assert second.parsed == first.parsed and second.response_id == first.response_id
+    # the key is not in the cache file
+    raw = (tmp_path / "cache" / "llm_responses.sqlite").read_bytes()
+    assert b"sk-test" not in raw
+
+
+def test_cache_key_depends_on_what_determines_the_answer(srv, tmp_path):
+    ask(make_client(srv, tmp_path))
+    ask(make_client(srv, tmp_path, temperature=0.9))
+    ask(make_client(srv, tmp_path, mode="json_object"))
+    ask(make_client(srv, tmp_path), messages=MESSAGES[:1] + [{"role": "user", "content": "Sign: bye"}])
+    assert srv.request_count == 4
+    ask(make_client(srv, tmp_path, key="another-key"))  # the key does not change the answer
+    assert srv.request_count == 4
+
+
+def test_requests_per_minute_limit(srv, tmp_path):
+    rpm = 600  # 10 per second
+    client = make_client(srv, tmp_path, cache=False, requests_per_minute=rpm, concurrency=16)
+
+    async def go():
+        try:
+            await asyncio.gather(*(client.structured(
+                [{"role": "user", "content": f"Sign: s{i}"}], DescriptionOut, inline_schema(DescriptionOut),
+                name="t", stage="Tb") for i in range(30)))
+        finally:
+            await client.aclose()
+    asyncio.run(go())
+    times = sorted(r.t for r in srv.records)
+    assert len(times) == 30
+    # leaky bucket of 10 with 10/s: in any window of length w at most 10 + 10·w requests (+1 jitter)
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 10 + 10 * (times[j] - times[i]) + 1
+
+
+def test_tokens_per_minute_limit(srv, tmp_path):
+    # each request reserves ~len(messages)/4 + max_tokens ≈ 110 tokens; 6000/min = 100/s
+    client = make_client(srv, tmp_path, cache=False, tokens_per_minute=6000, max_tokens=100, concurrency=8)
+
+    async def go():
+        try:
+            await asyncio.gather(*(client.structured(
+                [{"role": "user", "content": f"Sign: s{i}"}], DescriptionOut, inline_schema(DescriptionOut),
+                name="t", stage="Tb") for i in range(70)))
+        finally:
+            await client.aclose()
+    asyncio.run(go())
+    times = sorted(r.t for r in srv.records)
+    # the bucket holds one minute (6000 tokens ≈ 54 requests); the rest must wait for it to drain
+    assert times[-1] - times[0] >= 1.0
+
+
+def test_helpers():
+    assert endpoint_host("https://user:pw@api.moonshot.cn/v1?x=1") == "https://api.moonshot.cn/v1"
+    assert parse_json('```json\n{"a": "line\nbreak"}\n```') == {"a": "line\nbreak"}
+    assert parse_json('Here: {"a": 1} done') == {"a": 1}
+    with pytest.raises(OutputInvalid):
+        parse_json("no json here")
+
+    class E(Exception):
+        class response:
+            headers = {"retry-after": "2"}
+    assert retry_after_seconds(E()) == 2.0
