@@ -243,12 +243,16 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None, skip_bad
     return out
 
 
-def write_pyskl(path: Path | str, annotations: list[dict], split: dict[str, list[str]]) -> Path:
-    """Write a pyskl annotation pickle atomically (only numpy arrays and plain containers)."""
+def write_pyskl(path: Path | str, annotations: list[dict], split: dict[str, list[str]],
+                extra: dict | None = None) -> Path:
+    """Write a pyskl annotation pickle atomically (only numpy arrays and plain containers).
+
+    ``extra`` adds top-level keys (e.g. ``classes``); pyskl ignores keys it does not know.
+    """
     path = Path(path)
     with atomic_path(path, suffix=".pkl") as tmp:
         with open(tmp, "wb") as fh:
-            pickle.dump({"split": split, "annotations": annotations}, fh, protocol=4)
+            pickle.dump({**(extra or {}), "split": split, "annotations": annotations}, fh, protocol=4)
     return path
 
 

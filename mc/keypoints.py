@@ -280,7 +280,6 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 DEFAULT_PRESET = "gsp87"
 
 
-@lru_cache(maxsize=None)
 def get_layout(name: str | None = None) -> Layout:
     """The layout of a preset; ``None`` reads ``settings.mc.keypoint_preset``."""
     if name is None:
@@ -289,4 +288,9 @@ def get_layout(name: str | None = None) -> Layout:
         name = get_settings().mc.keypoint_preset
     if name not in PRESETS:
         raise LayoutError(f"unknown keypoint preset {name!r}; choose one of {sorted(PRESETS)}")
+    return _preset_layout(name)
+
+
+@lru_cache(maxsize=None)
+def _preset_layout(name: str) -> Layout:
     return Layout.from_groups(name, PRESETS[name])
