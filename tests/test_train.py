@@ -1,0 +1,150 @@
+"""Training: the LR schedule, CE-only and contrastive runs on real (small) skeleton data, AMP on
+CPU, resume after a real kill of `gsp train`, and beating chance by a wide margin."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gsp.schema import row_key, write_kind
+from mc.data import write_pyskl
+from mc.presets import PRESETS, learning_rate
+from mc.train import TrainConfig, resolve_device, train
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+GSP = str(Path(sys.executable).with_name("gsp"))
+
+
+def toy_pyskl(path, num_classes=6, per_class=6, test_per_class=3, frames=20, seed=0):
+    """Whole-body clips whose right hand moves in a class-specific direction (noise, size, shift)."""
+    rng = np.random.default_rng(seed)
+    template = rng.normal(0, 0.3, size=(133, 2))
+    template[5], template[6] = (-1, 0), (1, 0)
+    anns, split = [], {"train": [], "test": []}
+    for c in range(num_classes):
+        ang = 2 * np.pi * c / num_classes
+        for k in range(per_class + test_per_class):
+            sid = f"c{c:02d}_s{k:02d}"
+            t = np.linspace(0, 1, frames)[:, None]
+            kp = np.repeat(template[None], frames, 0) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.05, (1, 1, 2))
+            kp[:, 112:133] += (t * np.array([np.cos(ang), np.sin(ang)]))[:, None, :]
+            kp += rng.normal(0, 0.03, kp.shape)
+            anns.append({"frame_dir": sid, "label": c, "keypoint": (kp[None] * 100 + 300).astype(np.float32),
+                         "keypoint_score": np.ones((1, frames, 133), np.float32), "total_frames": frames,
+                         "img_shape": (600, 600)})
+            split["train" if k < per_class else "test"].append(sid)
+    return write_pyskl(path, anns, split)
+
+
+def toy_descriptions(run_dir, num_classes=6):
+    dirs = ["right", "upper right", "upper left", "left", "lower left", "lower right", "down", "up"]
+
+    def row(label, kind, variant, text, parts=()):
+        return {"key": row_key(label, kind, variant), "label": label, "gloss": f"sign{label}", "lang": "en",
+                "kind": kind, "variant": variant, "text": text, "body_parts": list(parts), "status": "ok",
+                "sources": []}
+
+    rows = {k: [] for k in ("Tb", "Tg", "Ts", "Tp")}
+    for c in range(num_classes):
+        d = dirs[c % len(dirs)]
+        rows["Tb"].append(row(c, "Tb", 0, f"Move the right hand {d}."))
+        rows["Tg"].append(row(c, "Tg", 0, f"The right hand moves straight towards the {d} while the body stays still."))
+        rows["Ts"] += [row(c, "Ts", v, f"variant {v}: the dominant hand travels {d}") for v in range(2)]
+        rows["Tp"].append(row(c, "Tp", 0, f"right hand travels {d}", ["right_hand"]))
+        rows["Tp"].append(row(c, "Tp", 1, "the body and face stay neutral", ["body", "face"]))
+    for kind, r in rows.items():
+        write_kind(run_dir, kind, r)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return toy_pyskl(tmp_path_factory.mktemp("data") / "toy.pkl")
+
+
+def small(out, data, **kw):
+    base = dict(data=data, out=out, preset="tiny", epochs=2, frames=16, batch_size=12, threads=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_learning_rate_schedule_matches_paper_recipe():
+    p = PRESETS["slr500"]
+    lrs = [learning_rate(e, p.lr, p.warmup_epochs, p.milestones, p.gamma) for e in range(110)]
+    assert lrs[0] == pytest.approx(0.06 / 5) and lrs[4] == pytest.approx(0.06)
+    assert lrs[89] == pytest.approx(0.06) and lrs[90] == pytest.approx(0.006) and lrs[100] == pytest.approx(0.0006)
+    assert (PRESETS["autsl"].batch_size, PRESETS["autsl"].lr, PRESETS["autsl"].weight_decay) == (80, 0.04, 4e-4)
+
+
+def test_ce_only_run_writes_outputs(tmp_path, toy_data):
+    m = train(small(tmp_path / "run", toy_data))
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("top1", "top5", "per_class_accuracy", "epochs", "seconds"):
+        assert key in on_disk
+    assert on_disk["epochs"] == 2 and len(on_disk["history"]) == 2 and on_disk["contrastive"] is False
+    assert len(m["per_class_accuracy"]) == 6 and m["test_samples"] == 18
+    assert m["parameters"]["projections"] == 0  # no text features -> no projections built
+    for name in ("test_scores.npz", "confusion.csv", "export.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.*"))
+
+
+def test_contrastive_run_uses_all_text_sets(tmp_path, toy_data):
+    desc = toy_descriptions(tmp_path / "desc")
+    m = train(small(tmp_path / "run", toy_data, descriptions=desc, epochs=1))
+    assert m["contrastive"] is True and m["ablation"] == "all"
+    assert m["history"][0]["con_loss"] > 0
+    assert m["history"][0]["loss"] == pytest.approx(m["history"][0]["cls_loss"] + 0.5 * m["history"][0]["con_loss"], rel=1e-4)
+    assert m["text_bank"]["labels_with_Tg"] == 6 and m["text_bank"]["dim"] == 384
+    assert m["parameters"]["projections"] == 6 * (32 * 384 + 384)
+    # --no-contrastive (and the "ce" ablation) give the baseline even with descriptions.
+    base = train(small(tmp_path / "base", toy_data, descriptions=desc, epochs=1, contrastive=False))
+    assert base["contrastive"] is False and base["history"][0]["con_loss"] == 0.0
+
+
+def test_amp_path_and_device_selection_on_cpu(tmp_path, toy_data):
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            resolve_device("cuda")
+    m = train(small(tmp_path / "amp", toy_data, epochs=1, amp="on", device="cpu"))
+    assert m["amp"] is True and np.isfinite(m["history"][0]["loss"])
+
+
+def _gsp_train(data, out, epochs):
+    return [GSP, "train", "--data", str(data), "--out", str(out), "--epochs", str(epochs), "--frames", "16",
+            "--batch-size", "12", "--threads", "1", "--no-progress"]
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, toy_data):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    full = subprocess.run(_gsp_train(toy_data, tmp_path / "full", 4), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_gsp_train(toy_data, out, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (out / "metrics.json").exists()
+    again = subprocess.run(_gsp_train(toy_data, out, 4), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert b["resumed_from_epoch"] and b["resumed_from_epoch"] >= 1
+    for key in ("top1", "top5", "per_class_accuracy"):
+        assert a[key] == b[key], key
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    sa, sb = np.load(tmp_path / "full" / "test_scores.npz"), np.load(out / "test_scores.npz")
+    np.testing.assert_array_equal(sa["scores"], sb["scores"])
