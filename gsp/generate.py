@@ -228,12 +228,24 @@ class SignDescriber:
             return []
         return await asyncio.to_thread(self._search_sync, query, k)
 
+    def relevant(self, hit: Any, forms: Sequence[str]) -> bool:
+        """Hybrid search always returns its nearest chunks; only these count as hits (an unrelated
+        entry in P1's context would make the model describe the wrong sign)."""
+        s = self.plan.settings.llm
+        headword = str(getattr(hit, "headword", "") or "").strip().lower()
+        if headword and headword in {f.lower() for f in forms}:
+            return True
+        return (getattr(hit, "dense", 1.0) >= s.retrieval_min_dense
+                or getattr(hit, "lexical", 1.0) >= s.retrieval_min_lexical)
+
     async def retrieve_gloss(self, entry: VocabEntry) -> list[Any]:
-        """Top-k passages over the English and the native form of the gloss (best score per chunk)."""
+        """Top-k relevant passages over the English and the native form of the gloss."""
         k = self.plan.settings.llm.retrieval_k
         best: dict[str, Any] = {}
         for form in entry.query_forms():
             for hit in await self.search(form, k):
+                if not self.relevant(hit, [form]):
+                    continue
                 if hit.chunk_id not in best or hit.score > best[hit.chunk_id].score:
                     best[hit.chunk_id] = hit
         return sorted(best.values(), key=lambda h: (-h.score, str(h.chunk_id)))[:k]
@@ -242,7 +254,7 @@ class SignDescriber:
         hits: list[Any] = []
         seen = set(exclude)
         for ref in find_references("\n".join(texts)):
-            found = await self.search(ref.query, 2)
+            found = [h for h in await self.search(ref.query, 2) if self.relevant(h, [ref.name])]
             # the entry itself first when the index knows its headword
             found = sorted(found, key=lambda h: (str(getattr(h, "headword", "") or "").lower() != ref.name.lower()))
             for hit in found[:2]:

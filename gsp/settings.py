@@ -156,6 +156,10 @@ class LLMSettings(_Section):
     repair_attempts: int = Field(2, ge=0, description="Re-asks after schema-invalid output.")
     synonyms: int = Field(3, ge=1, description="k: synonym variants per sign (P2).")
     retrieval_k: int = Field(4, ge=1)
+    retrieval_min_dense: float = Field(
+        0.45, ge=0, le=1, description="A passage counts as a hit for a gloss when its dense similarity "
+        "reaches this, its lexical score reaches retrieval_min_lexical, or its headword is the gloss.")
+    retrieval_min_lexical: float = Field(0.5, ge=0, le=1, description="See retrieval_min_dense.")
     price_input_per_mtok: float | None = Field(None, ge=0)
     price_output_per_mtok: float | None = Field(None, ge=0)
     local_model_path: Path | None = Field(None, description="GGUF for the embedded server; default SmolLM2.")
