@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ def run_ingest(kb_dir: Path | None, index_dir: Path | None, show_progress: bool 
 
         def on_document(doc) -> None:
             if doc.status != "ok":
-                console.print(f"[red]failed[/red] {doc.file}: {doc.error}")
+                console.print(f"[red]failed[/red] {escape(doc.error or '')}", soft_wrap=True, highlight=False)
 
         report = ingest(kb_dir, index_dir, progress=on_progress, on_document=on_document)
         bar.update(task, total=report.embedded_chunks, completed=report.embedded_chunks)
@@ -67,7 +68,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = run_ingest(kb_dir, index, show_progress=not quiet)
         except FileNotFoundError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
         if not report.ok:
             console.print(f"[red]{len(report.failed)} document(s) failed[/red]; the others are indexed.")
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
         try:
             hits = Retriever.load(index).search(query, k=k)
         except IndexNotFoundError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
         if as_json:
             typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))

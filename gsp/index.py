@@ -96,7 +96,7 @@ class IngestReport:
 def chunk_embedding_text(headword: str | None, text: str) -> str:
     """What is embedded and lexically indexed for a chunk: continuation pieces of a long entry
     get their headword in front, so they are still found by the sign they describe."""
-    if headword and not text.startswith(headword):
+    if isinstance(headword, str) and headword and not text.startswith(headword):
         return f"{headword}\n{text}"
     return text
 

@@ -108,7 +108,7 @@ def test_search_finds_chinese_gloss(demo_index):
     zh_sources = list((ROOT / "knowledge_base").glob("*zh*.yaml"))
     assert zh_sources, "the Chinese demo source is missing"
     entries = yaml.safe_load(zh_sources[0].read_text(encoding="utf-8"))
-    entries = entries.get("signs", entries) if isinstance(entries, dict) else entries
+    entries = entries["entries"] if isinstance(entries, dict) else entries
     retr = Retriever.load(demo_index)
     checked = 0
     for entry in entries[:4]:
@@ -197,10 +197,11 @@ def test_changed_document_is_reembedded(demo_kb, tmp_path):
 
 
 def _make_bad_files(kb: Path) -> dict[str, str]:
-    good = sorted(kb.rglob("*.pdf"))[0].read_bytes()
+    source = sorted(kb.rglob("*.pdf"))[0]
+    good = source.read_bytes()
     (kb / "corrupt.pdf").write_bytes(good[:400] + b"\x00garbage" * 50)
     (kb / "notes.pdf").write_text("these are my notes, not a PDF", encoding="utf-8")
-    writer = PdfWriter(clone_from=str(sorted(kb.rglob("*.pdf"))[0]))
+    writer = PdfWriter(clone_from=str(source))
     writer.encrypt(user_password="secret", owner_password="owner")
     with open(kb / "locked.pdf", "wb") as fh:
         writer.write(fh)
