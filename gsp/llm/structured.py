@@ -52,8 +52,20 @@ def response_format(mode: str, name: str, schema: dict[str, Any]) -> dict[str, A
     if mode == "json_object":
         return {"type": "json_object"}
     if mode == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": grammar_safe(schema)}
     raise ValueError(f"unknown structured output mode {mode!r}; expected one of {MODES}")
+
+
+def grammar_safe(schema: Any) -> Any:
+    """The schema without string length bounds: llama.cpp unrolls ``maxLength`` into one grammar
+    rule per character and its parser gives up (the server process crashes) beyond a few hundred.
+    pydantic still enforces the bounds on the answer."""
+    if isinstance(schema, dict):
+        return {k: grammar_safe(v) for k, v in schema.items()
+                if not (k in ("minLength", "maxLength") and schema.get("type") == "string")}
+    if isinstance(schema, list):
+        return [grammar_safe(v) for v in schema]
+    return schema
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)

@@ -1,0 +1,46 @@
+"""The embedded local LLM for real: llama.cpp's server with SmolLM2-135M, two signs through P1–P4."""
+
+import httpx
+import pytest
+
+from gsp.generate import generate_descriptions
+from gsp.llm import local_llm_server
+from gsp.prompts import DescriptionOut, PartsOut, synonyms_model
+from gsp.schema import BODY_PARTS, KINDS, read_run
+from gsp.settings import PROJECT_ROOT, Settings
+
+pytestmark = [pytest.mark.llm, pytest.mark.slow]
+
+
+def test_local_server_starts_answers_and_stops(tmp_path):
+    with local_llm_server(log_dir=tmp_path) as server:
+        assert server.model == "smollm2"
+        models = httpx.get(f"{server.base_url}/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["smollm2"]
+        process = server.process
+    assert process.poll() is not None  # stopped on exit
+
+
+def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
+    monkeypatch.delenv("GSP_LLM_BASE_URL", raising=False)
+    # short answers keep the test to about a minute; the grammar keeps them schema-valid
+    settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"}, llm={"max_tokens": 300})
+    run = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,
+                                use_index=False, limit=2)
+    m = run.manifest
+    assert m["local_server"] is True and m["model"] == "smollm2" and m["structured_output"] == "json_object_schema"
+    assert m["endpoint"].startswith("http://127.0.0.1:")
+    frames = read_run(run.run_dir, ok_only=False)
+    for kind in KINDS:
+        assert frames[kind]["label"].nunique() == 2, kind
+    assert m["requests"] >= 8 and m["tokens"]["completion"] > 0
+    # whatever the 135M model says, what is marked ok obeys the schema
+    ok = {k: f[f["status"] == "ok"] for k, f in frames.items()}
+    for text in list(ok["Tb"]["text"]) + list(ok["Tg"]["text"]):
+        DescriptionOut(description=text)
+    for label, group in ok["Ts"].groupby("label"):
+        synonyms_model(settings.llm.synonyms)(variants=list(group.sort_values("variant")["text"]))
+    for parts in ok["Tp"]["body_parts"]:
+        assert 1 <= len(parts) and set(parts) <= set(BODY_PARTS)
+    PartsOut(parts=[{"text": t, "body_parts": list(b)} for t, b in zip(ok["Tp"]["text"], ok["Tp"]["body_parts"])])
+    assert sum(len(f) for f in ok.values()) > 0
