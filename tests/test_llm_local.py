@@ -44,3 +44,12 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
         assert 1 <= len(parts) and set(parts) <= set(BODY_PARTS)
     PartsOut(parts=[{"text": t, "body_parts": list(b)} for t, b in zip(ok["Tp"]["text"], ok["Tp"]["body_parts"])])
     assert sum(len(f) for f in ok.values()) > 0
+
+    # A second run hits the response cache although the local server listens on a new port.
+    again = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,
+                                  use_index=False, limit=2)
+    assert again.manifest["requests"] == 0, again.manifest["usage"]
+    again_frames = read_run(again.run_dir, ok_only=False)
+    for kind in KINDS:
+        cols = ["key", "text", "status", "request_hash"]
+        assert again_frames[kind][cols].equals(frames[kind][cols]), kind

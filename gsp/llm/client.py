@@ -146,6 +146,9 @@ class Endpoint:
     model: str
     api_key: str | None = None
     structured_output: str = "json_object"
+    #: What identifies the server in cache keys. The embedded server listens on a new free port
+    #: each run, so its URL must not be part of the key, or no local run would ever hit the cache.
+    identity: str | None = None
 
 
 class LLMClient:
@@ -194,7 +197,7 @@ class LLMClient:
         """Everything that determines the answer, and nothing secret: the cache key's input."""
         s = self.settings
         return {
-            "base_url": self.endpoint.base_url.rstrip("/"),
+            "base_url": self.endpoint.identity or self.endpoint.base_url.rstrip("/"),
             "model": self.endpoint.model,
             "messages": messages,
             "response_format": fmt,

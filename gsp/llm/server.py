@@ -69,6 +69,7 @@ class LocalServer:
     model: str
     process: subprocess.Popen
     log_path: Path | None
+    identity: str = ""
 
 
 def wait_until_ready(base_url: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> None:
@@ -116,7 +117,10 @@ def local_llm_server(model_path: Path | None = None, ctx: int = 4096, port: int 
                                stdin=subprocess.DEVNULL, env=env)
     try:
         wait_until_ready(base_url, process, startup_timeout_s, log_path)
-        yield LocalServer(base_url=base_url, model=LOCAL_MODEL_ALIAS, process=process, log_path=log_path)
+        # Stable across runs (unlike the port): the weights file and the context size.
+        identity = f"local-llama-cpp:{model_path.name}:{model_path.stat().st_size}:ctx{ctx}"
+        yield LocalServer(base_url=base_url, model=LOCAL_MODEL_ALIAS, process=process, log_path=log_path,
+                          identity=identity)
     finally:
         stop_process(process)
         if log_path:
