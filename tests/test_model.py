@@ -101,3 +101,21 @@ def test_bad_config_raises(layout):
     cfg.parts["mouth"] = [999]
     with pytest.raises(ValueError, match="mouth"):
         GSPMCModel(cfg)
+
+
+@pytest.mark.parametrize("in_channels", [3, 8, 16, 64])
+def test_factorized_ctrgc_equals_reference_form(in_channels, monkeypatch):
+    from mc.model import CTRGC
+
+    torch.manual_seed(in_channels)
+    m = CTRGC(in_channels, 16).double()
+    x = torch.randn(3, in_channels, 6, 11, dtype=torch.float64)
+    a = torch.rand(11, 11, dtype=torch.float64)
+    alpha = torch.tensor([0.3], dtype=torch.float64)
+    monkeypatch.setattr(CTRGC, "FACTORIZE_MAX_REL", 10_000)
+    assert m.factorized
+    fact = m(x, a, alpha)
+    monkeypatch.setattr(CTRGC, "FACTORIZE_MAX_REL", 0)
+    assert not m.factorized
+    ref = m(x, a, alpha)
+    torch.testing.assert_close(fact, ref, rtol=1e-10, atol=1e-10)
