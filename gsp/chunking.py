@@ -17,10 +17,13 @@ from langchain_text_splitters import RecursiveCharacterTextSplitter
 #: A headword line: an upper-case Latin gloss or a short CJK gloss, optionally followed by a
 #: parenthesised translation. Overridable with GSP_KB_HEADWORD_PATTERN for other layouts.
 DEFAULT_HEADWORD_PATTERN = (
-    r"^(?:[A-ZÇĞİÖŞÜ0-9][A-ZÇĞİÖŞÜ0-9 '’_/\-]{0,48}"
+    r"^(?:(?:[A-ZÇĞİÖŞÜ0-9][A-ZÇĞİÖŞÜ0-9 '’_/\-]{0,48}"
     r"|[\u3400-\u4dbf\u4e00-\u9fff]{1,10})"
-    r"(?:\s*[\(（][^()（）\n]{1,60}[\)）])?\s*$"
+    r"(?:\s*[\(（][^()（）\n]{1,60}[\)）])?"
+    # A handshape-chart line: 'ID' - Name
+    r"|'[^'\n]{1,12}' [-–] [^\n]{1,40})\s*$"
 )
+_CHART_LINE = re.compile(r"^'(?P<id>[^'\n]{1,12})' [-–] (?P<name>[^\n]{1,40}?)\s*$")
 
 SEPARATORS = [
     "\n\n",
@@ -45,7 +48,12 @@ class Chunk:
 
 
 def _headword_of(line: str) -> tuple[str, tuple[str, ...]]:
-    """Main headword and the aliases given in parentheses: ``LOVE (sevmek)`` → LOVE, (sevmek,)."""
+    """Main headword and the aliases given in parentheses: ``LOVE (sevmek)`` → LOVE, (sevmek,).
+    A chart line ``'5' - Spread hand`` → 5, ("5 handshape", "Spread hand"), the names entries cite."""
+    chart = _CHART_LINE.match(line.strip())
+    if chart:
+        shape = chart.group("id")
+        return shape, (f"{shape} handshape", chart.group("name").strip())
     main = re.split(r"\s*[\(（]", line.strip(), maxsplit=1)[0].strip()
     inner = re.findall(r"[\(（]([^()（）]+)[\)）]", line)
     aliases = tuple(a.strip() for part in inner for a in re.split(r"[,;/，；]", part) if a.strip())

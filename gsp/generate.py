@@ -234,7 +234,7 @@ class SignDescriber:
         entry in P1's context would make the model describe the wrong sign)."""
         s = self.plan.settings.llm
         headword = str(getattr(hit, "headword", "") or "").strip().lower()
-        if headword and headword in {f.lower() for f in forms}:
+        if getattr(hit, "exact", False) or (headword and headword in {f.lower() for f in forms}):
             return True
         return (getattr(hit, "dense", 1.0) >= s.retrieval_min_dense
                 or getattr(hit, "lexical", 1.0) >= s.retrieval_min_lexical)

@@ -38,6 +38,7 @@ class Hit:
     headword: str | None
     dense: float = 0.0
     lexical: float = 0.0
+    exact: bool = False  # the query is this entry's headword or one of its aliases
 
     def citation(self) -> str:
         return f"{self.file} p.{self.page}"
@@ -143,6 +144,7 @@ class Retriever:
                     headword=row["headword"] if isinstance(row["headword"], str) else None,
                     dense=float(dense[i]),
                     lexical=float(lexical[i]),
+                    exact=bool(exact[i]),
                 )
             )
         return hits

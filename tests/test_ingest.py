@@ -312,3 +312,14 @@ def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
     os.replace(index_dir, index_dir.with_name("index.old"))
     retr = Retriever.load(index_dir)
     assert len(retr) > 0 and index_dir.is_dir()
+
+
+def test_handshape_chart_entries_are_found_by_their_id(demo_index):
+    """Entries cite chart handshapes ("uses the '5' handshape"); P3 must find the chart entry."""
+    from gsp.sign_source import load_sign_source
+
+    retr = Retriever.load(demo_index)
+    for shape in load_sign_source().handshapes:
+        top = retr.search(f"{shape.id} handshape", k=1)[0]
+        assert top.exact and top.headword == shape.id, (shape.id, top)
+        assert shape.name in top.text
