@@ -160,6 +160,7 @@ def train(config: TrainConfig | dict) -> dict:
     """Train one stream; return (and write to ``<out>/metrics.json``) its test metrics."""
     from mc.data import SkeletonDataset, load_samples
     from mc.keypoints import get_layout
+    from mc.transforms import TransformConfig
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
     recipe = cfg.recipe()
@@ -178,7 +179,8 @@ def train(config: TrainConfig | dict) -> dict:
     test_samples = load_samples(cfg.data, split=cfg.test_split, skip_bad=cfg.skip_bad)
     num_classes = int(max(max(s.label for s in train_samples), max(s.label for s in test_samples))) + 1
     train_ds = SkeletonDataset(train_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=True,
-                               seed=cfg.seed, num_classes=num_classes)
+                               seed=cfg.seed, num_classes=num_classes,
+                               transform=TransformConfig(**recipe["augment"]))
     test_ds = SkeletonDataset(test_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=False,
                               seed=cfg.seed, num_classes=num_classes)
 
