@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flows import use_local_prefect
+
 llm_app = typer.Typer(help="The embedded local LLM (llama.cpp server with SmolLM2).", no_args_is_help=True)
 err = Console(stderr=True)
 
@@ -23,12 +25,6 @@ def _parse_labels(text: str | None) -> list[int] | None:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise typer.BadParameter(f"--labels must be comma-separated integers, got {text!r}") from None
-
-
-def _prefect_local_mode() -> None:
-    # With no server configured, run against Prefect's temporary local server.
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
 
 
 def generate(
@@ -61,7 +57,7 @@ def generate(
     expected = (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, FileNotFoundError)
     try:
         if prefect:
-            _prefect_local_mode()
+            use_local_prefect()
             from flows.gsp_flow import gsp_flow
 
             result = asyncio.run(gsp_flow(
