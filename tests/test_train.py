@@ -106,6 +106,9 @@ def test_contrastive_run_uses_all_text_sets(tmp_path, toy_data):
     assert m["history"][0]["loss"] == pytest.approx(m["history"][0]["cls_loss"] + 0.5 * m["history"][0]["con_loss"], rel=1e-4)
     assert m["text_bank"]["labels_with_Tg"] == 6 and m["text_bank"]["dim"] == 384
     assert m["parameters"]["projections"] == 6 * (32 * 384 + 384)
+    export = torch.load(tmp_path / "run" / "export.pt", weights_only=True)
+    assert export["state_dict"] and not any("projections" in k for k in export["state_dict"])
+    assert export["labels"][:2] == ["sign0", "sign1"]  # class names from the description run
     # --no-contrastive (and the "ce" ablation) give the baseline even with descriptions.
     base = train(small(tmp_path / "base", toy_data, descriptions=desc, epochs=1, contrastive=False))
     assert base["contrastive"] is False and base["history"][0]["con_loss"] == 0.0
