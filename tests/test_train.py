@@ -159,3 +159,21 @@ def test_tiny_preset_beats_chance_by_a_wide_margin(tmp_path):
     chance = 1 / 10
     assert m["top1"] >= 4 * chance, m["history"]
     assert m["top5"] > m["top1"]
+
+
+def test_mc_flow_trains_streams_ensembles_and_publishes(tmp_path, toy_data):
+    from flows import use_local_prefect
+
+    use_local_prefect()
+    from flows.mc_flow import mc_flow
+
+    desc = toy_descriptions(tmp_path / "desc")
+    result = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), descriptions=str(desc),
+                     streams=["joint", "bone_motion"], epochs=1)
+    assert [r["stream"] for r in result["table"]] == ["joint", "bone_motion", "ensemble(joint,bone_motion)"]
+    assert result["text_features"]["labels_with_Tg"] == 6
+    for stream in ("joint", "bone_motion"):
+        m = json.loads((tmp_path / "runs" / stream / "metrics.json").read_text())
+        assert m["stream"] == stream and m["contrastive"] is True
+    fused = json.loads((tmp_path / "runs" / "ensemble" / "metrics.json").read_text())
+    assert fused["weights"] == [1.0, 0.5]
