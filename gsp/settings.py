@@ -180,6 +180,13 @@ class MCSettings(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1' …")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    text_long_policy: Literal["chunk", "truncate"] = Field(
+        "chunk",
+        description="Texts longer than the encoder's context (CLIP: 77 tokens): 'chunk' encodes sentence "
+        "pieces and averages them; 'truncate' keeps the head (mc.text_features).",
+    )
+    text_batch_size: int = Field(64, ge=1, description="Texts per encoder batch when building text features.")
+    preset: str = Field("tiny", description="Default training recipe for `gsp run` (mc.presets: slr500, autsl, tiny).")
 
 
 class Settings:
