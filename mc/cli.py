@@ -35,7 +35,7 @@ def train_cmd(
     data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy files."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.json, export.pt)."),
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="Description run (or root with LATEST)."),
-    preset: str = typer.Option("tiny", "--preset", help="slr500, autsl or tiny."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="slr500, autsl or tiny (default settings.mc.preset)."),
     stream: str = typer.Option("joint", "--stream", help="joint, bone, joint_motion or bone_motion."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
@@ -64,7 +64,7 @@ def train_cmd(
     s = get_settings().mc
     try:
         cfg = TrainConfig(
-            data=data, out=out, descriptions=descriptions, preset=preset, stream=stream, epochs=epochs,
+            data=data, out=out, descriptions=descriptions, preset=preset or s.preset, stream=stream, epochs=epochs,
             batch_size=batch_size, lr=lr, frames=frames, base_channels=base_channels,
             contrastive=not no_contrastive, ablation=ablation, alpha=alpha, tau=tau, layout=layout,
             seed=s.seed if seed is None else seed, device=device or s.device, amp=amp, threads=threads,

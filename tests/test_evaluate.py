@@ -143,3 +143,16 @@ def test_cli_commands(trained, tmp_path):
     assert len(json.loads(r.stdout)) == 2
     r = runner.invoke(app, ["train", "--data", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "x"), "--no-progress"])
     assert r.exit_code == 2 and "nope.pkl" in r.output
+
+
+def test_synth_cli_writes_a_loadable_dataset(tmp_path):
+    from mc.data import load_samples
+
+    out = tmp_path / "synth.pkl"
+    r = runner.invoke(app, ["synth", "--out", str(out), "--samples-per-class", "2", "--frames", "8",
+                            "--signers", "2", "--test-signers", "1"])
+    assert r.exit_code == 0, r.output
+    train_s, test_s = load_samples(out, split="train"), load_samples(out, split="test")
+    assert len(train_s) == len(test_s) > 0
+    r = runner.invoke(app, ["synth", "--out", str(out), "--signers", "2", "--test-signers", "2"])
+    assert r.exit_code == 2 and "test_signers" in r.output
