@@ -214,8 +214,9 @@ def train(config: TrainConfig | dict) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    steps_per_epoch = max(1, len(train_ds) // recipe["batch_size"]) if len(train_ds) >= recipe["batch_size"] else 1
-    writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch if start_epoch else None)
+    # Scalars are logged per epoch (step = epoch number); on resume, drop events a killed run wrote
+    # past its last checkpoint so curves do not fork.
+    writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
     if start_epoch == 0:
         writer.add_text("config", json.dumps(cfg.model_dump(mode="json"), indent=1), 0)
 
