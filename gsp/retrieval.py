@@ -9,6 +9,7 @@ embedding model (a setting) the dense part carries more of the load.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from gsp.embedding import load_sentence_model
 from gsp.index import CHUNKS_FILE, INDEX_FILE, MANIFEST_FILE, chunk_embedding_text
 from gsp.lexical import normalise_headword, tokenize
 from gsp.settings import KnowledgeBaseSettings, get_settings
+
+
+# bm25s logs every index build at DEBUG; Prefect's logging setup would show it.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 class IndexNotFoundError(FileNotFoundError):

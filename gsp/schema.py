@@ -153,3 +153,18 @@ def resolve_run_dir(path: Path) -> Path:
     if pointer.is_file():
         return path / pointer.read_text(encoding="utf-8").strip()
     raise SchemaError(f"{path}: neither a description run nor a folder with a {LATEST_POINTER} pointer")
+
+
+def content_fingerprint(run_dir: Path) -> str:
+    """A hash of what a description run says (keys, texts, body parts, statuses), not of when or
+    how it was made: two runs that produced the same descriptions (e.g. a fully cached re-run)
+    have the same fingerprint, so downstream work keyed on it (training folders) is reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for kind in KINDS:
+        df = read_kind(Path(run_dir), kind)
+        for key, text, parts, status in zip(df["key"], df["text"], df["body_parts"], df["status"]):
+            parts_txt = ",".join(parts) if parts is not None else ""
+            h.update(f"{key}\x1f{text}\x1f{parts_txt}\x1f{status}\x1e".encode("utf-8"))
+    return h.hexdigest()

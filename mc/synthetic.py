@@ -681,6 +681,10 @@ def write_synthetic_dataset(
     """
     if not 0 < test_signers < signers:
         raise ValueError(f"need 0 < test_signers < signers, got {test_signers} of {signers}")
+    if samples_per_class < signers:
+        # Clips are dealt to signers in turn; with fewer clips than signers the test signers
+        # (the last ones) would perform nothing and the test split would be empty.
+        raise ValueError(f"samples_per_class ({samples_per_class}) must be at least signers ({signers})")
     if samples_per_class < 1 or frames < 4:
         raise ValueError("samples_per_class must be >= 1 and frames >= 4")
     src = source if isinstance(source, SignSource) else load_sign_source(source)
