@@ -99,9 +99,13 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def rows_to_table(rows: Iterable[dict] | pd.DataFrame) -> pa.Table:
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    df = df.copy()
     for col in COLUMNS:
         if col not in df.columns:
             df[col] = None
+    # List columns: a missing value is an empty list (pyarrow cannot infer a list type from all-None).
+    for col in ("body_parts", "sources"):
+        df[col] = [v if v is not None else [] for v in df[col]]
     df = sort_rows(df[list(COLUMNS)])
     return pa.Table.from_pandas(df, schema=DESCRIPTION_SCHEMA, preserve_index=False)
 

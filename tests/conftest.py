@@ -14,6 +14,8 @@ KB_DIR = ROOT / "knowledge_base"
 # Tests never talk to a hub and keep their outputs out of the repo.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Prefect's temporary server logs its shutdown at exit, after pytest has closed the streams.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,49 @@
+"""The description-artifact schema: keys, validation, atomic writes, fingerprints."""
+
+import pandas as pd
+import pytest
+
+from gsp.schema import (
+    COLUMNS, KINDS, SchemaError, content_fingerprint, read_kind, row_key, write_kind,
+)
+
+
+def _row(label, kind, variant=0, text="t", **extra):
+    row = {c: None for c in COLUMNS}
+    row.update(key=row_key(label, kind, variant), label=label, gloss=f"g{label}", lang="tr", kind=kind,
+               variant=variant, text=text, status="ok", prompt_tokens=1, completion_tokens=1)
+    row.update(extra)
+    return row
+
+
+def test_row_keys_are_stable_and_sortable():
+    assert row_key(7, "Ts", 2) == row_key(7, "Ts", 2)
+    assert sorted([row_key(10, "Tb"), row_key(9, "Tb")]) == [row_key(9, "Tb"), row_key(10, "Tb")]
+    with pytest.raises(ValueError):
+        row_key(1, "Tx")
+
+
+def test_write_sorts_rows_and_fills_missing_lists(tmp_path):
+    rows = [_row(3, "Tb"), _row(1, "Tb")]  # sources/body_parts left as None
+    write_kind(tmp_path, "Tb", rows)
+    df = read_kind(tmp_path, "Tb")
+    assert list(df["label"]) == [1, 3]
+    assert all(len(v) == 0 for v in df["sources"])
+
+
+def test_validation_names_the_bad_row(tmp_path):
+    with pytest.raises(SchemaError, match="unknown body parts"):
+        write_kind(tmp_path, "Tp", [_row(1, "Tp", body_parts=["left_hand", "elbow"])])
+    with pytest.raises(SchemaError, match="duplicate key"):
+        write_kind(tmp_path, "Tb", [_row(1, "Tb"), _row(1, "Tb")])
+    assert not (tmp_path / "Tb.parquet").exists()  # nothing half-written
+
+
+def test_fingerprint_follows_content_not_metadata(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, created in ((a, "2026-01-01"), (b, "2026-02-02")):
+        for kind in KINDS:
+            write_kind(run, kind, [_row(1, kind, created_at=created, body_parts=["body"] if kind == "Tp" else [])])
+    assert content_fingerprint(a) == content_fingerprint(b)
+    write_kind(b, "Tg", [_row(1, "Tg", text="changed")])
+    assert content_fingerprint(a) != content_fingerprint(b)
