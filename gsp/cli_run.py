@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
         result = asyncio.run(pipeline_flow(
             vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
-            samples_per_class=samples_per_class, epochs=epochs,
+            samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
             streams=[s.strip() for s in streams.split(",") if s.strip()],
         ))
 

@@ -48,7 +48,8 @@ def free_port() -> int:
 
 
 def server_command(model_path: Path, port: int, ctx: int = 4096, alias: str = LOCAL_MODEL_ALIAS,
-                   host: str = "127.0.0.1") -> list[str]:
+                   host: str = "127.0.0.1", threads: int | None = None) -> list[str]:
+    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if importlib.util.find_spec("llama_cpp") is None:
         raise LocalServerError("the embedded LLM needs llama-cpp-python[server] (pip install 'gsp-mc[llm]')")
     return [
@@ -60,6 +61,10 @@ def server_command(model_path: Path, port: int, ctx: int = 4096, alias: str = LO
         "--n_ctx", str(ctx),
         # Without this, a second queued request interrupts a streaming one and both come back empty.
         "--interrupt_requests", "False",
+        # The server's default is half the cores; it serves one request at a time, so use them all.
+        "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        # Reuse evaluated prompt prefixes (the prompts' shared system/instruction text) across requests.
+        "--cache", "True",
     ]
 
 

@@ -57,12 +57,13 @@ def response_format(mode: str, name: str, schema: dict[str, Any]) -> dict[str, A
 
 
 def grammar_safe(schema: Any) -> Any:
-    """The schema without string length bounds: llama.cpp unrolls ``maxLength`` into one grammar
-    rule per character and its parser gives up (the server process crashes) beyond a few hundred.
-    pydantic still enforces the bounds on the answer."""
+    """The schema without string upper length bounds: llama.cpp unrolls ``maxLength`` into one
+    grammar rule per character and its parser gives up (the server process crashes) beyond a few
+    hundred. ``minLength`` stays: it is a few rules, and without it a small model answers with
+    empty strings. pydantic still enforces both bounds on the answer."""
     if isinstance(schema, dict):
         return {k: grammar_safe(v) for k, v in schema.items()
-                if not (k in ("minLength", "maxLength") and schema.get("type") == "string")}
+                if not (k == "maxLength" and schema.get("type") == "string")}
     if isinstance(schema, list):
         return [grammar_safe(v) for v in schema]
     return schema
