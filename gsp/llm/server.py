@@ -63,8 +63,6 @@ def server_command(model_path: Path, port: int, ctx: int = 4096, alias: str = LO
         "--interrupt_requests", "False",
         # The server's default is half the cores; it serves one request at a time, so use them all.
         "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        # Reuse evaluated prompt prefixes (the prompts' shared system/instruction text) across requests.
-        "--cache", "True",
     ]
 
 
