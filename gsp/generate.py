@@ -168,7 +168,8 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
     with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx,
                           log_dir=settings.paths.cache / "logs") as server:
         # llama.cpp rejects OpenAI's json_schema form; json_object + schema is its grammar mode.
-        yield (Endpoint(server.base_url, server.model, None, "json_object_schema", identity=server.identity),
+        yield (Endpoint(server.base_url, server.model, None, "json_object_schema", identity=server.identity,
+                        max_tokens=s.local_max_tokens),
                s.local_concurrency, True)
 
 

@@ -164,6 +164,11 @@ class LLMSettings(_Section):
     price_output_per_mtok: float | None = Field(None, ge=0)
     local_model_path: Path | None = Field(None, description="GGUF for the embedded server; default SmolLM2.")
     local_ctx: int = Field(4096, ge=512)
+    local_max_tokens: int = Field(
+        300, ge=16,
+        description="Answer-length cap for the embedded model: a 135M model sometimes repeats itself "
+        "until max_tokens, and every such answer costs seconds on a CPU.",
+    )
 
 
 class MCSettings(_Section):

@@ -149,6 +149,8 @@ class Endpoint:
     #: What identifies the server in cache keys. The embedded server listens on a new free port
     #: each run, so its URL must not be part of the key, or no local run would ever hit the cache.
     identity: str | None = None
+    #: A cap on answer length for this endpoint (the embedded model rambles; see settings).
+    max_tokens: int | None = None
 
 
 class LLMClient:
@@ -203,7 +205,7 @@ class LLMClient:
             "response_format": fmt,
             "temperature": s.temperature,
             "seed": s.seed,
-            "max_tokens": s.max_tokens,
+            "max_tokens": min(s.max_tokens, self.endpoint.max_tokens or s.max_tokens),
         }
 
     async def complete(self, body: dict[str, Any], stage: str) -> tuple[str, dict[str, Any]]:
@@ -313,7 +315,8 @@ class LLMClient:
         for attempt in range(self.settings.repair_attempts + 1):
             if attempt:
                 self.stage(stage).repairs += 1
-            key, response = await self.complete(self.request_body(convo, fmt), stage)
+            body = self.request_body(convo, fmt)
+            key, response = await self.complete(body, stage)
             prompt_tokens += response.get("prompt_tokens") or 0
             completion_tokens += response.get("completion_tokens") or 0
             try:
@@ -321,7 +324,7 @@ class LLMClient:
             except OutputInvalid as exc:
                 error = str(exc)
                 if response.get("finish_reason") == "length":
-                    error += f" (the answer was cut off at max_tokens={self.settings.max_tokens}; be shorter)"
+                    error += f" (the answer was cut off at max_tokens={body['max_tokens']}; be shorter)"
                 convo = convo + [
                     {"role": "assistant", "content": response.get("content") or ""},
                     {"role": "user", "content": f"That answer is invalid: {error}. Reply again with only "
