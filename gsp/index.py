@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,6 +133,54 @@ def _manifest_id(documents: list[dict], embedding: dict, chunking: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class _BackgroundEmbedder:
+    """Embeds full batches on one worker thread while the caller extracts the next PDFs.
+
+    pypdf's extraction holds the GIL and torch's kernels release it, so the two overlap and ingest
+    costs little more than embedding alone. Hand-written: it is a few lines around a thread pool.
+    """
+
+    def __init__(self, model_name: str, batch_size: int, progress: Callable[[int, int], None] | None):
+        self.model_name = model_name
+        self.batch_size = batch_size
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.texts: list[str] = []
+        self.futures = []
+        self.submitted = 0
+        self.done = 0
+        self.seconds = 0.0
+
+    def add(self, texts: list[str]) -> None:
+        self.texts.extend(texts)
+        while len(self.texts) - self.submitted >= self.batch_size:
+            self._submit(self.submitted + self.batch_size)
+
+    def _submit(self, end: int) -> None:
+        batch = self.texts[self.submitted : end]
+        self.submitted = end
+        self.futures.append(self.pool.submit(self._encode, batch))
+
+    def _encode(self, batch: list[str]) -> np.ndarray:
+        model = load_sentence_model(self.model_name)
+        t0 = time.perf_counter()
+        vectors = model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=False)
+        self.seconds += time.perf_counter() - t0
+        self.done += len(batch)
+        if self.progress:
+            self.progress(self.done, len(self.texts))
+        return vectors.astype("float32")
+
+    def finish(self) -> list[np.ndarray]:
+        try:
+            if self.submitted < len(self.texts):
+                self._submit(len(self.texts))
+            return [f.result() for f in self.futures]
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def ingest(
     kb_dir: Path | str | None = None,
     index_dir: Path | str | None = None,
@@ -172,6 +221,7 @@ def ingest(
     kept_frames: list[pd.DataFrame] = []
     kept_vectors: list[np.ndarray] = []
     new_rows: list[dict] = []
+    embedder = _BackgroundEmbedder(kb.embedding_model, kb.embed_batch_size, progress)
 
     for path in find_documents(kb_dir):
         rel = path.relative_to(kb_dir).as_posix()
@@ -198,6 +248,7 @@ def ingest(
                 status = DocumentStatus(rel, sha, "failed", reason=exc.reason, error=str(exc))
             else:
                 chunks = chunker.split_pages([(p.number, p.text) for p in pages])
+                embedder.add([chunk_embedding_text(c.headword, c.text) for c in chunks])
                 for c in chunks:
                     new_rows.append(
                         {
@@ -225,22 +276,16 @@ def ingest(
     if previous is not None:
         report.removed = sorted({d["file"] for d in previous[0]["documents"]} - seen)
 
-    # Embed only what is new; this is the expensive step the incremental design avoids.
-    model = load_sentence_model(kb.embedding_model) if new_rows or previous is None else None
-    dim = model.get_embedding_dimension() if model is not None else prev_vectors.shape[1]
-    new_vectors = np.zeros((0, dim), dtype="float32")
+    # Only new or changed documents were embedded: the expensive step the incremental design avoids.
+    batches = embedder.finish()
     if new_rows:
-        texts = [chunk_embedding_text(r["headword"], r["text"]) for r in new_rows]
-        te = time.perf_counter()
-        parts = []
-        bs = kb.embed_batch_size
-        for i in range(0, len(texts), bs):
-            parts.append(model.encode(texts[i : i + bs], batch_size=bs, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False))
-            if progress:
-                progress(min(i + bs, len(texts)), len(texts))
-        new_vectors = np.vstack(parts).astype("float32")
-        report.embed_seconds = time.perf_counter() - te
+        new_vectors = np.vstack(batches)
+        dim = new_vectors.shape[1]
+        report.embed_seconds = embedder.seconds
+    else:
+        dim = prev_vectors.shape[1] if prev_vectors is not None else \
+            load_sentence_model(kb.embedding_model).get_embedding_dimension()
+        new_vectors = np.zeros((0, dim), dtype="float32")
     report.embedded_chunks = len(new_rows)
     report.reused_chunks = sum(len(f) for f in kept_frames)
 
