@@ -8,6 +8,8 @@ Streams train one after another (one process owns the accelerator); each stream'
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,11 @@ def encode_texts_task(descriptions: str) -> dict[str, Any]:
 def train_task(stream: str, config: dict[str, Any]) -> dict[str, Any]:
     from mc.train import train
 
-    metrics = train({**config, "stream": stream, "progress": False})
+    # A fresh process per stream: in `gsp run`, training in the process that had just run the
+    # generation flow went 2.5x slower than the same training alone (cause not pinned down).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        metrics = pool.submit(train, {**config, "stream": stream, "progress": False}).result()
     get_run_logger().info("%s: top1 %.4f top5 %.4f (%s epochs, %.0f s)", stream, metrics["top1"], metrics["top5"],
                           metrics["epochs"], metrics["seconds"])
     return {k: v for k, v in metrics.items() if k not in ("history", "per_class_accuracy", "skipped")}
