@@ -8,3 +8,5 @@ def use_local_prefect() -> None:
     temporary local server instead of failing."""
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+        # The temporary server's telemetry would try the internet (unreachable here) and log errors.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

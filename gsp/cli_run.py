@@ -54,8 +54,15 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         settings = get_settings()
         vocab_path = vocab or settings.paths.kb_dir / "demo_vocab.csv"
+        if not Path(vocab_path).is_file():
+            console.print(f"[red]error:[/red] vocabulary not found: {escape(str(vocab_path))}", soft_wrap=True)
+            raise typer.Exit(2)
         console.rule("[bold]1/3 knowledge base")
-        report = run_ingest(None, None)
+        try:
+            report = run_ingest(None, None)
+        except FileNotFoundError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2)
         if report.failed:
             console.print(f"[yellow]{len(report.failed)} document(s) failed; continuing with the rest[/yellow]")
         _print_search(report.index_dir, search)
@@ -66,11 +73,23 @@ def register(app: typer.Typer) -> None:
         use_local_prefect()
         from flows.pipeline import pipeline_flow
 
-        result = asyncio.run(pipeline_flow(
-            vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
-            samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
-            streams=[s.strip() for s in streams.split(",") if s.strip()],
-        ))
+        from gsp.generate import GenerationError
+        from gsp.llm.client import FatalLLMError
+        from gsp.llm.server import LocalServerError
+        from gsp.prompts import PromptError
+        from gsp.vocab import VocabError
+        from mc.data import SampleError
+
+        try:
+            result = asyncio.run(pipeline_flow(
+                vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
+                samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
+                streams=[s.strip() for s in streams.split(",") if s.strip()],
+            ))
+        except (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, SampleError) as exc:
+            # Bad input or a refused endpoint: one clear line, not a traceback.
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2)
 
         console.rule("[bold]3/3 summary")
         gen, trained = result["descriptions"], result["training"]

@@ -62,3 +62,13 @@ def test_gsp_run_end_to_end_and_rerun(tmp_path):
     again = json.loads(metrics_files[0].read_text())  # the same training folder, resumed
     assert again["resumed_from_epoch"] == 1
     assert again["top1"] == metrics["top1"]
+
+
+def test_gsp_run_bad_vocabulary_is_one_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from gsp.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--vocab", str(tmp_path / "missing.csv")])
+    assert result.exit_code == 2
+    assert "vocabulary not found" in result.output and "missing.csv" in result.output
