@@ -236,11 +236,16 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None, skip_bad
             arr = _pyskl_to_array(ann, sid, str(path))
             out.append(Sample(sid, label, str(path), array=arr))
         except SampleError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipping bad sample: %s", exc)
-            out.skipped.append((sid, str(exc)))
+            _skip_or_raise(out, sid, exc, skip_bad)
     return out
+
+
+def _skip_or_raise(out: "Samples", sid: str, exc: SampleError, skip_bad: bool) -> None:
+    """--skip-bad: log the bad sample and list it in ``out.skipped``; otherwise re-raise."""
+    if not skip_bad:
+        raise exc
+    log.warning("skipping bad sample: %s", exc)
+    out.skipped.append((sid, str(exc)))
 
 
 def write_pyskl(path: Path | str, annotations: list[dict], split: dict[str, list[str]],
@@ -323,10 +328,7 @@ def _load_npy_folder(path: Path, split: str | None, num_classes: int | None, ski
             del arr
             out.append(Sample(sid, label, str(npy), path=npy))
         except SampleError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipping bad sample: %s", exc)
-            out.skipped.append((sid, str(exc)))
+            _skip_or_raise(out, sid, exc, skip_bad)
     return out
 
 
