@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from gsp.atomic import write_json_atomic, write_text_atomic
 from gsp.llm.cache import ResponseCache
 from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, endpoint_host
-from gsp.llm.server import local_llm_server
+from gsp.llm.server import default_replicas, local_llm_server
 from gsp.llm.structured import inline_schema
 from gsp.prompts import Prompt, load_prompts, output_model, schema_text
 from gsp.schema import BODY_PARTS, KINDS, LATEST_POINTER, MANIFEST, STATUS_FAILED, STATUS_OK, row_key, write_kind
@@ -165,12 +165,15 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
         key = s.api_key.get_secret_value() if s.api_key else None
         yield Endpoint(s.base_url, s.model, key, s.structured_output), s.concurrency, False
         return
-    with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx,
+    replicas = s.local_servers or default_replicas()
+    with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx, replicas=replicas,
                           log_dir=settings.paths.cache / "logs") as server:
         # llama.cpp rejects OpenAI's json_schema form; json_object + schema is its grammar mode.
-        yield (Endpoint(server.base_url, server.model, None, "json_object_schema", identity=server.identity,
-                        max_tokens=s.local_max_tokens),
-               s.local_concurrency, True)
+        yield (Endpoint(server.base_url, server.model, None, s.local_structured_output, identity=server.identity,
+                        max_tokens=s.local_max_tokens,
+                        sampling={"frequency_penalty": s.local_frequency_penalty} if s.local_frequency_penalty else {},
+                        replicas=server.replicas),
+               len(server.base_urls), True)
 
 
 # --- describing signs -----------------------------------------------------------------------
@@ -437,6 +440,8 @@ def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_lo
         "endpoint": endpoint_host(client.endpoint.base_url),
         "local_server": is_local,
         "structured_output": client.endpoint.structured_output,
+        "sampling": dict(client.endpoint.sampling),
+        "servers": 1 + len(client.endpoint.replicas),
         "prompts": {key: {"id": p.prompt_id, "sha": p.sha, "file": p.path.name, "produces": p.produces}
                     for key, p in plan.prompts.items()},
         "settings": s.public_dict(),

@@ -211,3 +211,36 @@ def test_helpers():
         class response:
             headers = {"retry-after": "2"}
     assert retry_after_seconds(E()) == 2.0
+
+
+def test_endpoint_sampling_parameters_are_sent_and_part_of_the_cache_key(srv, tmp_path):
+    settings = LLMSettings(base_url=srv.base_url, model="fake", retry_initial_s=0.05, timeout_s=5.0)
+    penalised = LLMClient(Endpoint(srv.base_url, "fake", None, "json_schema", sampling={"frequency_penalty": 1.0}),
+                          settings, ResponseCache(tmp_path / "cache"))
+    assert ask(penalised).ok
+    (body,) = srv.bodies.values()
+    assert body["frequency_penalty"] == 1.0
+    plain = LLMClient(Endpoint(srv.base_url, "fake", None, "json_schema"), settings, ResponseCache(tmp_path / "cache"))
+    assert ask(plain).ok
+    assert srv.request_count == 2  # a different sampling setup is a different answer, not a cache hit
+    assert all("frequency_penalty" not in b for b in srv.bodies.values() if b is not body)
+
+
+def test_requests_spread_over_replicas(tmp_path):
+    with FakeOpenAI(latency_s=0.2) as first, FakeOpenAI(latency_s=0.2) as second:
+        settings = LLMSettings(base_url=first.base_url, model="fake", timeout_s=5.0)
+        client = LLMClient(Endpoint(first.base_url, "fake", None, "json_schema", replicas=(second.base_url,)),
+                           settings, None, concurrency=2)
+
+        async def go():
+            try:
+                return await asyncio.gather(*(client.structured(
+                    [{"role": "user", "content": f"Sign: s{i}"}], DescriptionOut, inline_schema(DescriptionOut),
+                    name="t", stage="Tb") for i in range(8)))
+            finally:
+                await client.aclose()
+        results = asyncio.run(go())
+        assert all(r.ok for r in results)
+        assert first.request_count + second.request_count == 8
+        # each request goes to an idle replica: with two slots, neither server takes them all
+        assert first.request_count >= 2 and second.request_count >= 2

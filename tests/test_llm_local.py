@@ -12,13 +12,16 @@ from gsp.settings import PROJECT_ROOT, Settings
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 
-def test_local_server_starts_answers_and_stops(tmp_path):
-    with local_llm_server(log_dir=tmp_path) as server:
-        assert server.model == "smollm2"
-        models = httpx.get(f"{server.base_url}/models", timeout=10).json()
-        assert [m["id"] for m in models["data"]] == ["smollm2"]
-        process = server.process
-    assert process.poll() is not None  # stopped on exit
+def test_local_server_replicas_start_answer_and_stop(tmp_path):
+    with local_llm_server(log_dir=tmp_path, replicas=2) as server:
+        assert server.model == "smollm2" and len(set(server.base_urls)) == 2
+        assert server.replicas == server.base_urls[1:]
+        for url in server.base_urls:
+            models = httpx.get(f"{url}/models", timeout=10).json()
+            assert [m["id"] for m in models["data"]] == ["smollm2"]
+        processes = server.processes
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["llama_server.1.log", "llama_server.log"]
+    assert all(p.poll() is not None for p in processes)  # all stopped on exit
 
 
 def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):

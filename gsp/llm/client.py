@@ -151,6 +151,12 @@ class Endpoint:
     identity: str | None = None
     #: A cap on answer length for this endpoint (the embedded model rambles; see settings).
     max_tokens: int | None = None
+    #: Extra OpenAI sampling parameters sent with every request (e.g. ``frequency_penalty``);
+    #: part of the cache key, since they change the answer.
+    sampling: dict[str, float] = field(default_factory=dict)
+    #: Base URLs of further servers that answer exactly like ``base_url`` (same weights, same
+    #: identity): requests go to whichever has the fewest in flight.
+    replicas: tuple[str, ...] = ()
 
 
 class LLMClient:
@@ -161,12 +167,12 @@ class LLMClient:
         self.endpoint = endpoint
         self.settings = settings
         self.cache = cache
-        self._sdk = openai.AsyncOpenAI(
-            base_url=endpoint.base_url,
-            api_key=endpoint.api_key or NO_KEY,
-            max_retries=0,
-            timeout=settings.timeout_s,
-        )
+        self._sdks = [
+            openai.AsyncOpenAI(base_url=url, api_key=endpoint.api_key or NO_KEY, max_retries=0,
+                               timeout=settings.timeout_s)
+            for url in (endpoint.base_url, *endpoint.replicas)
+        ]
+        self._in_flight = [0] * len(self._sdks)
         self._slots = asyncio.Semaphore(concurrency or settings.concurrency)
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
@@ -191,7 +197,8 @@ class LLMClient:
                 for name, u in sorted(self.usage.items())}
 
     async def aclose(self) -> None:
-        await self._sdk.close()
+        for sdk in self._sdks:
+            await sdk.close()
 
     # -- one request -------------------------------------------------------------------------
 
@@ -206,6 +213,8 @@ class LLMClient:
             "temperature": s.temperature,
             "seed": s.seed,
             "max_tokens": min(s.max_tokens, self.endpoint.max_tokens or s.max_tokens),
+            # only when set, so adding the option left every existing cache key as it was
+            **({"sampling": dict(sorted(self.endpoint.sampling.items()))} if self.endpoint.sampling else {}),
         }
 
     async def complete(self, body: dict[str, Any], stage: str) -> tuple[str, dict[str, Any]]:
@@ -256,6 +265,7 @@ class LLMClient:
             kwargs["response_format"] = body["response_format"]
         if body["seed"] is not None:
             kwargs["seed"] = body["seed"]
+        kwargs.update(body.get("sampling", {}))
         async with self._slots:
             if self._rpm is not None:
                 await self._rpm.acquire()
@@ -263,12 +273,16 @@ class LLMClient:
                 estimate = len(json.dumps(body["messages"], ensure_ascii=False)) // 4 + body["max_tokens"]
                 await self._tpm.acquire(min(estimate, s.tokens_per_minute))
             usage.requests += 1
+            replica = min(range(len(self._sdks)), key=self._in_flight.__getitem__)
+            self._in_flight[replica] += 1
             try:
-                completion = await self._sdk.chat.completions.create(**kwargs)
+                completion = await self._sdks[replica].chat.completions.create(**kwargs)
             except openai.APIError:
                 raise
             except (ValueError, TypeError) as exc:  # body that is not a chat completion (bad JSON)
                 raise UnparseableResponse(f"unparseable response body: {exc}") from exc
+            finally:
+                self._in_flight[replica] -= 1
         if isinstance(completion, str) or not getattr(completion, "choices", None):
             raise UnparseableResponse("response has no choices")
         choice = completion.choices[0]
