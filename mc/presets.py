@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
                     milestones=(90, 100), base_channels=64, frames=64),
     # Lighter augmentation than the full recipes: with a few hundred steps the default crop
     # (50-100 %) and ±15° rotation keep a width-8 model at chance for most of its budget.
-    "tiny": Preset(epochs=8, batch_size=8, lr=0.1, weight_decay=5e-4, warmup_epochs=1,
+    "tiny": Preset(epochs=8, batch_size=16, lr=0.1, weight_decay=5e-4, warmup_epochs=1,
                    milestones=(6,), base_channels=8, frames=16,
                    augment={"crop_min": 0.9, "rotate_deg": 5.0, "scale": 0.05, "shift": 0.05}),
 }
