@@ -33,6 +33,8 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     m = run.manifest
     assert m["local_server"] is True and m["model"] == "smollm2" and m["structured_output"] == "json_object_schema"
     assert m["endpoint"].startswith("http://127.0.0.1:")
+    assert m["servers"] == settings.llm.local_servers or m["servers"] >= 1
+    assert m["sampling"] == {"frequency_penalty": settings.llm.local_frequency_penalty}
     frames = read_run(run.run_dir, ok_only=False)
     for kind in KINDS:
         assert frames[kind]["label"].nunique() == 2, kind
