@@ -27,13 +27,16 @@ def test_local_server_replicas_start_answer_and_stop(tmp_path):
 def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     monkeypatch.delenv("GSP_LLM_BASE_URL", raising=False)
     # short answers keep the test to about a minute; the grammar keeps them schema-valid
-    settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"}, llm={"max_tokens": 300})
+    settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"}, llm={"max_tokens": 300, "local_servers": 2})
     run = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,
                                 use_index=False, limit=2)
     m = run.manifest
     assert m["local_server"] is True and m["model"] == "smollm2" and m["structured_output"] == "json_object_schema"
     assert m["endpoint"].startswith("http://127.0.0.1:")
-    assert m["servers"] == settings.llm.local_servers or m["servers"] >= 1
+    assert m["servers"] == 2
+    logs = settings.paths.cache / "logs"
+    for name in ("llama_server.log", "llama_server.1.log"):  # both replicas answered requests
+        assert "total time" in (logs / name).read_text(errors="replace"), name
     assert m["sampling"] == {"frequency_penalty": settings.llm.local_frequency_penalty}
     frames = read_run(run.run_dir, ok_only=False)
     for kind in KINDS:
