@@ -33,9 +33,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -292,8 +293,15 @@ def encode_texts_cached(
     spec: EncoderSpec,
     cache_root: Path,
     encoder: _Encoder | None = None,
+    chunk_size: int = 2048,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, CacheStats]:
-    """Features (N, D) of ``texts``, from the cache where present; the rest encoded once and cached."""
+    """Features (N, D) of ``texts``, from the cache where present; the rest encoded once and cached.
+
+    New texts are encoded ``chunk_size`` at a time and each chunk is saved as its own shard the
+    moment it is done, so a run killed halfway keeps what it encoded. ``on_progress(done, total)``
+    is called after each chunk (total = texts to encode).
+    """
     from safetensors.numpy import save_file
 
     enc_id = spec.encoder_id()
@@ -310,16 +318,22 @@ def encode_texts_cached(
     if missing:
         encoder = encoder or load_encoder(spec)
         keys = sorted(missing)
-        feats = encode_with_policy(encoder, [missing[k] for k in keys], spec.long_text, spec.batch_size)
-        shard_name = hashlib.sha256(b"".join(keys)).hexdigest()[:32] + ".safetensors"
-        with atomic_path(folder / shard_name, suffix=".safetensors") as tmp:
-            save_file(
-                {"hashes": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32).copy(),
-                 "features": np.ascontiguousarray(feats, dtype=np.float32)},
-                str(tmp),
-            )
-        for k, f in zip(keys, feats):
-            table[k] = f
+        if on_progress:
+            on_progress(0, len(keys))
+        for start in range(0, len(keys), chunk_size):
+            chunk = keys[start : start + chunk_size]
+            feats = encode_with_policy(encoder, [missing[k] for k in chunk], spec.long_text, spec.batch_size)
+            shard_name = hashlib.sha256(b"".join(chunk)).hexdigest()[:32] + ".safetensors"
+            with atomic_path(folder / shard_name, suffix=".safetensors") as tmp:
+                save_file(
+                    {"hashes": np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(len(chunk), 32).copy(),
+                     "features": np.ascontiguousarray(feats, dtype=np.float32)},
+                    str(tmp),
+                )
+            for k, f in zip(chunk, feats):
+                table[k] = f
+            if on_progress:
+                on_progress(start + len(chunk), len(keys))
         log.info("encoded %d new texts with %s (%d from cache)", len(missing), enc_id, stats.cached)
     if not hashes:
         return np.zeros((0, 0), dtype=np.float32), stats
@@ -404,11 +418,25 @@ class TextBank:
         return out
 
 
+@contextmanager
+def _encoding_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("encoding texts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("encode", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def build_text_bank(
     run_dir: Path | str,
     spec: EncoderSpec | None = None,
     cache_root: Path | None = None,
     num_classes: int | None = None,
+    progress: bool = False,
 ) -> TextBank:
     """Read a description run (ok rows only), encode its Tg/Ts/Tp texts (cached), index them.
 
@@ -443,7 +471,8 @@ def build_text_bank(
             parts_of.append([p for p in (row.body_parts if row.body_parts is not None else []) if p in BODY_PARTS])
     if not texts:
         raise TextFeatureError(f"{run}: no usable Tg/Ts/Tp texts (all failed or empty)")
-    feats, stats = encode_texts_cached(texts, spec, cache_root)
+    with _encoding_progress(progress) as on_progress:
+        feats, stats = encode_texts_cached(texts, spec, cache_root, on_progress=on_progress)
     bank = TextBank(
         features=torch.from_numpy(feats), labels=torch.tensor(labels, dtype=torch.long), kinds=kinds,
         texts=texts, stats=stats, run_dir=str(run),

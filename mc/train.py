@@ -188,7 +188,7 @@ def train(config: TrainConfig | dict) -> dict:
     if cfg.uses_contrastive:
         from mc.text_features import build_text_bank
 
-        bank = build_text_bank(cfg.descriptions, num_classes=num_classes).to(device)
+        bank = build_text_bank(cfg.descriptions, num_classes=num_classes, progress=cfg.progress).to(device)
     switches = ABLATIONS[cfg.ablation]
 
     model_cfg = model_config_for(layout, num_classes, base_channels=recipe["base_channels"],

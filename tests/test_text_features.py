@@ -171,3 +171,32 @@ def test_encoder_spec_from_settings(monkeypatch, tmp_path):
     run = write_run(tmp_path / "run", num_labels=1)
     bank = build_text_bank(run, spec)
     assert str(get_settings().paths.cache) in bank.stats.cache_dir
+
+
+class _KilledAfter:
+    """The real encoder, but the process 'dies' (raises) on its n-th call, as after a kill."""
+
+    def __init__(self, encoder, calls: int):
+        self.encoder, self.calls_left = encoder, calls
+        self.max_tokens = encoder.max_tokens
+        self.count_tokens = encoder.count_tokens
+
+    def encode_raw(self, texts, batch_size):
+        if self.calls_left == 0:
+            raise KeyboardInterrupt
+        self.calls_left -= 1
+        return self.encoder.encode_raw(texts, batch_size)
+
+
+def test_encoding_saves_each_chunk_so_a_killed_run_resumes(tmp_path, st_spec):
+    texts = [f"the right hand taps the chin {i} times" for i in range(10)]
+    encoder = load_encoder(st_spec)
+    with pytest.raises(KeyboardInterrupt):
+        encode_texts_cached(texts, st_spec, tmp_path / "cache", encoder=_KilledAfter(encoder, 2), chunk_size=4)
+    seen = []
+    feats, stats = encode_texts_cached(texts, st_spec, tmp_path / "cache", encoder=encoder, chunk_size=4,
+                                       on_progress=lambda done, total: seen.append((done, total)))
+    assert (stats.cached, stats.encoded) == (8, 2)  # the two finished chunks were kept
+    assert seen == [(0, 2), (2, 2)]
+    fresh, _ = encode_texts_cached(texts, st_spec, tmp_path / "fresh", encoder=encoder)
+    np.testing.assert_allclose(feats, fresh, atol=1e-5)
