@@ -139,8 +139,12 @@ def local_llm_server(model_path: Path | None = None, ctx: int = 4096, log_dir: P
     started: list[tuple[str, subprocess.Popen, Path | None]] = []
     sinks = []
     try:
+        ports: set[int] = set()
         for i in range(replicas):
             port = free_port()
+            while port in ports:  # the OS may hand a just-released port out again
+                port = free_port()
+            ports.add(port)
             base_url = f"http://127.0.0.1:{port}/v1"
             log_path = Path(log_dir) / (f"llama_server.{i}.log" if i else "llama_server.log") if log_dir else None
             sink = open(log_path, "ab") if log_path else subprocess.DEVNULL
