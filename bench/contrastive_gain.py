@@ -13,7 +13,7 @@ files go to a temporary folder, removed at the end (``--keep DIR`` keeps them); 
 the repo.
 
     .venv/bin/python bench/contrastive_gain.py                       # ~10 min on 2 cores
-    .venv/bin/python bench/contrastive_gain.py --seeds 0 --epochs 4 --descriptions artifacts/descriptions/latest
+    .venv/bin/python bench/contrastive_gain.py --seeds 0 --epochs 4 --descriptions artifacts/descriptions
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="Keep data, texts and runs here.")
     args = ap.parse_args()
 
+    if args.descriptions is not None:
+        from gsp.schema import SchemaError, resolve_run_dir
+
+        try:  # fail now, not after the first trainings
+            args.descriptions = resolve_run_dir(args.descriptions)
+        except SchemaError as exc:
+            raise SystemExit(f"--descriptions: {exc}")
     work = args.keep or Path(tempfile.mkdtemp(prefix="gsp-bench-gain-"))
     work.mkdir(parents=True, exist_ok=True)
     # caches (text features) under the work folder, not the repo's artifacts/

@@ -57,6 +57,15 @@ def register(app: typer.Typer) -> None:
         if not Path(vocab_path).is_file():
             console.print(f"[red]error:[/red] vocabulary not found: {escape(str(vocab_path))}", soft_wrap=True)
             raise typer.Exit(2)
+        from mc.transforms import STREAMS
+
+        stream_list = [s.strip() for s in streams.split(",") if s.strip()]
+        unknown = [s for s in stream_list if s not in STREAMS]
+        if unknown or not stream_list:
+            # checked before anything runs: a typo must not cost a whole generation first
+            console.print(f"[red]error:[/red] --streams {escape(streams)!r}: unknown {escape(', '.join(unknown)) or 'empty'}; "
+                          f"choose from {', '.join(STREAMS)}", soft_wrap=True)
+            raise typer.Exit(2)
         console.rule("[bold]1/3 knowledge base")
         try:
             report = run_ingest(None, None)
@@ -84,7 +93,7 @@ def register(app: typer.Typer) -> None:
             result = asyncio.run(pipeline_flow(
                 vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
                 samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
-                streams=[s.strip() for s in streams.split(",") if s.strip()],
+                streams=stream_list,
             ))
         except (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, SampleError) as exc:
             # Bad input or a refused endpoint: one clear line, not a traceback.

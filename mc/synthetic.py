@@ -685,13 +685,11 @@ def write_synthetic_dataset(
         # Clips are dealt to signers in turn; with fewer clips than signers the test signers
         # (the last ones) would perform nothing and the test split would be empty.
         raise ValueError(f"samples_per_class ({samples_per_class}) must be at least signers ({signers})")
-    if samples_per_class < 1 or frames < 4:
-        raise ValueError("samples_per_class must be >= 1 and frames >= 4")
+    if frames < 4:
+        raise ValueError(f"frames must be >= 4, got {frames}")
     src = source if isinstance(source, SignSource) else load_sign_source(source)
     signs = src.signs if glosses is None else [src.sign(g) for g in glosses]
-    root = np.random.default_rng(seed)
     styles = [sample_signer(i, np.random.default_rng([seed, 1, i])) for i in range(signers)]
-    del root
     test_ids = set(range(signers - test_signers, signers))
     annotations: list[dict] = []
     split: dict[str, list[str]] = {"train": [], "test": []}

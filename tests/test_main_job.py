@@ -72,3 +72,14 @@ def test_gsp_run_bad_vocabulary_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["run", "--vocab", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2
     assert "vocabulary not found" in result.output and "missing.csv" in result.output
+
+
+def test_gsp_run_unknown_stream_is_refused_before_any_work():
+    from typer.testing import CliRunner
+
+    from gsp.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--streams", "joint,bones"])
+    assert result.exit_code == 2
+    assert "bones" in result.output and "bone_motion" in result.output  # names the typo and the choices
+    assert "knowledge base" not in result.output  # stopped before step 1/3 (ingest)
