@@ -17,7 +17,9 @@ console = Console(stderr=True)
 
 def run_ingest(kb_dir: Path | None, index_dir: Path | None, show_progress: bool = True):
     """Ingest with a progress bar and a summary table; returns the IngestReport."""
-    from gsp.index import ingest
+    from gsp.index import ingest, prepare_ingest
+
+    prepare_ingest(kb_dir, index_dir)  # a refusal is one line, not a line after an empty bar
 
     with Progress(
         TextColumn("[bold]embedding chunks"),
@@ -64,10 +66,14 @@ def register(app: typer.Typer) -> None:
         index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: artifacts/index)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
-        """Index dictionary PDFs (incremental: only new or changed files are embedded)."""
+        """Index dictionary PDFs (incremental: only new or changed files are embedded).
+
+        --index may name a new or empty folder or an existing index; anything else is refused."""
+        from gsp.atomic import UnsafePathError
+
         try:
             report = run_ingest(kb_dir, index, show_progress=not quiet)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, UnsafePathError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
         if not report.ok:

@@ -6,13 +6,16 @@ it (no pickle). Re-ingest is incremental: a document whose sha256 is unchanged k
 and vectors (read back from the old index), only new or changed documents are embedded, and
 removed ones drop out. The new index is built in a staging folder and swapped in, so a crash
 leaves the previous index usable.
+
+The index folder replaces only an index (a manifest.json with the format fields), an empty folder
+or nothing, and never overlaps the knowledge base; a knowledge base with nothing to index leaves
+the existing index as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gsp.atomic import recover_dir, replace_dir_atomic, write_json_atomic
+from gsp.atomic import (check_disjoint, check_replaceable, make_staging_dir, recover_dir, remove_debris,
+                        replace_dir_atomic, write_json_atomic)
 from gsp.chunking import DEFAULT_HEADWORD_PATTERN, DictionaryChunker
 from gsp.embedding import load_sentence_model, model_id
 from gsp.pdf import PdfExtractionError, extract_pages, sha256_file
@@ -37,6 +41,7 @@ INDEX_FILE = "index.faiss"
 CHUNKS_FILE = "chunks.parquet"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
+INDEX_WHAT = "an index made by gsp ingest"  # recognised by is_index_dir
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -52,6 +57,38 @@ CHUNK_SCHEMA = pa.schema(
         ("text", pa.string()),
     ]
 )
+
+
+class NothingToIndexError(FileNotFoundError):
+    """The knowledge base yields no text at all; the existing index is kept as it was."""
+
+
+def is_index_dir(path: Path) -> bool:
+    """True for a folder this module wrote: its manifest has the index format fields."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and isinstance(manifest.get("format_version"), int)
+            and isinstance(manifest.get("embedding"), dict) and isinstance(manifest.get("documents"), list))
+
+
+def prepare_ingest(kb_dir: Path | str | None = None,
+                   index_dir: Path | str | None = None) -> tuple[Path, Path, list[Path]]:
+    """Resolve the folders, check them, list the PDFs — everything that can refuse a run before
+    any work: an index folder overlapping the knowledge base or holding anything but an index
+    (``UnsafePathError``), a missing knowledge base or one without PDFs (``FileNotFoundError``)."""
+    app = get_settings()
+    kb_dir = Path(kb_dir or app.paths.kb_dir).resolve()
+    index_dir = Path(index_dir or app.paths.index).resolve()
+    recover_dir(index_dir)
+    check_disjoint(index_dir, kb_dir, "index folder", "knowledge-base folder")
+    check_replaceable(index_dir, is_index_dir, INDEX_WHAT)
+    documents = find_documents(kb_dir)
+    if not documents:
+        raise NothingToIndexError(f"{kb_dir}: no .pdf files in this folder or below; nothing indexed, "
+                                  f"{index_dir} left as it was")
+    return kb_dir, index_dir, documents
 
 
 @dataclass
@@ -192,14 +229,13 @@ def ingest(
 
     ``progress(done, total)`` is called as chunks are embedded; ``on_document`` once per file.
     Failures (corrupt, encrypted, not a PDF, no text) are recorded per document and the rest
-    is still indexed.
+    is still indexed. Refusals (see ``prepare_ingest``) and a knowledge base that gives no text
+    at all (``NothingToIndexError``) leave the index folder untouched.
     """
     t0 = time.perf_counter()
-    app = get_settings()
-    kb = settings or app.kb
-    kb_dir = Path(kb_dir or app.paths.kb_dir).resolve()
-    index_dir = Path(index_dir or app.paths.index).resolve()
-    recover_dir(index_dir)
+    kb = settings or get_settings().kb
+    kb_dir, index_dir, documents = prepare_ingest(kb_dir, index_dir)
+    remove_debris(index_dir)
 
     chunking = {
         "chunk_size": kb.chunk_size,
@@ -223,7 +259,7 @@ def ingest(
     new_rows: list[dict] = []
     embedder = _BackgroundEmbedder(kb.embedding_model, kb.embed_batch_size, progress)
 
-    for path in find_documents(kb_dir):
+    for path in documents:
         rel = path.relative_to(kb_dir).as_posix()
         try:
             sha = sha256_file(path)
@@ -290,7 +326,10 @@ def ingest(
     report.reused_chunks = sum(len(f) for f in kept_frames)
 
     frames = [f for f in kept_frames if len(f)] + ([pd.DataFrame(new_rows)] if new_rows else [])
-    all_chunks = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CHUNK_SCHEMA.names)
+    if not frames:
+        raise NothingToIndexError(f"{kb_dir}: none of the {len(documents)} PDF file(s) gave any text "
+                                  f"(see the failures above); nothing indexed, {index_dir} left as it was")
+    all_chunks = pd.concat(frames, ignore_index=True)
     all_vectors = np.vstack(kept_vectors + [new_vectors]).astype("float32") if (kept_vectors or len(new_vectors)) \
         else np.zeros((0, dim), "float32")
     # Deterministic row order whatever was reused: by file, then position in the file.
@@ -326,16 +365,13 @@ def ingest(
         },
     }
 
-    staging = index_dir.with_name(f".{index_dir.name}.staging-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = make_staging_dir(index_dir)
     try:
         faiss.write_index(index, str(staging / INDEX_FILE))
         table = pa.Table.from_pandas(all_chunks[CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA, preserve_index=False)
         pq.write_table(table, staging / CHUNKS_FILE)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
-        replace_dir_atomic(staging, index_dir)
+        replace_dir_atomic(staging, index_dir, is_index_dir, INDEX_WHAT)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

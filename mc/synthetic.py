@@ -33,18 +33,21 @@ classifier has to learn fine detail and does not reach 100% in one epoch.
 
 The output is a pyskl annotation pickle (``split`` by signer, ``annotations`` with
 ``keypoint`` [1, T, 133, 2], ``keypoint_score`` [1, T, 133], ``label``, ``frame_dir``,
-``total_frames``, ``img_shape``) plus a top-level ``classes`` list (label, class_id, gloss).
+``total_frames``, ``img_shape``) plus a top-level ``classes`` list (label, class_id, gloss), led
+by a ``generator`` tag so that only a data set written here is ever overwritten by a new one.
 """
 
 from __future__ import annotations
 
 import logging
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from gsp.atomic import check_replaceable
 from gsp.sign_source import DEFAULT_SOURCE, HandAction, Handshape, Segment, SignSource, load_sign_source
 from mc.data import write_pyskl
 from mc.keypoints import FACE0, LEFT_HAND0, NUM_WHOLEBODY, RIGHT_HAND0
@@ -52,6 +55,8 @@ from mc.keypoints import FACE0, LEFT_HAND0, NUM_WHOLEBODY, RIGHT_HAND0
 log = logging.getLogger(__name__)
 
 IMG_SIZE = 512
+GENERATOR_KEY, GENERATOR = "generator", "gsp-mc synthetic skeletons"
+DATASET_WHAT = "a synthetic data set written by gsp synth"
 FACE_UNIT = 0.38  # face template unit (half the face width) in body units
 
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +665,28 @@ def render_clip(source: SignSource, gloss: str, style: SignerStyle, num_frames: 
 # Data set
 
 
+def is_synthetic_dataset(path: Path | str) -> bool:
+    """True for a pickle this module wrote: its first key is the generator tag. Only the first
+    opcodes are read, so a large real data set is recognised as foreign without loading it."""
+    previous = None
+    try:
+        with open(path, "rb") as fh:
+            for n, (_, arg, _) in enumerate(pickletools.genops(fh)):
+                if previous == GENERATOR_KEY and arg == GENERATOR:
+                    return True
+                if n > 16:
+                    return False
+                previous = arg if isinstance(arg, str) else previous
+    except (OSError, ValueError, EOFError):
+        return False
+    return False
+
+
+def check_dataset_target(out_path: Path | str) -> None:
+    """Refuse an ``out_path`` holding a folder or any file but an earlier synthetic data set."""
+    check_replaceable(out_path, is_synthetic_dataset, DATASET_WHAT, folder=False)
+
+
 def write_synthetic_dataset(
     out_path: Path | str,
     source: Path | str | SignSource = DEFAULT_SOURCE,
@@ -687,6 +714,7 @@ def write_synthetic_dataset(
         raise ValueError(f"samples_per_class ({samples_per_class}) must be at least signers ({signers})")
     if frames < 4:
         raise ValueError(f"frames must be >= 4, got {frames}")
+    check_dataset_target(out_path)  # before minutes of rendering
     src = source if isinstance(source, SignSource) else load_sign_source(source)
     signs = src.signs if glosses is None else [src.sign(g) for g in glosses]
     styles = [sample_signer(i, np.random.default_rng([seed, 1, i])) for i in range(signers)]
@@ -714,6 +742,7 @@ def write_synthetic_dataset(
                 "signer": int(style.signer_id),
             })
             split["test" if style.signer_id in test_ids else "train"].append(frame_dir)
-    path = write_pyskl(out_path, annotations, split, extra={"classes": classes})
+    check_dataset_target(out_path)  # again: the path may have been taken while rendering
+    path = write_pyskl(out_path, annotations, split, extra={GENERATOR_KEY: GENERATOR, "classes": classes})
     log.info("wrote %d synthetic clips of %d signs to %s", len(annotations), len(signs), path)
     return path

@@ -306,12 +306,42 @@ def test_kill_during_rebuild_keeps_the_old_index(demo_kb, tmp_path):
 
 
 def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
-    index_dir = tmp_path / "index"
+    index_dir = (tmp_path / "index").resolve()
     ingest(demo_kb, index_dir)
-    # A crash between the two renames of the swap leaves only the backup.
-    os.replace(index_dir, index_dir.with_name("index.old"))
-    retr = Retriever.load(index_dir)
-    assert len(retr) > 0 and index_dir.is_dir()
+    old_manifest = _manifest(index_dir)
+    # A real process dies between the two renames of the swap (old index → backup, new → index).
+    script = textwrap.dedent(
+        f"""
+        import os
+        from gsp.index import ingest
+        rename = os.replace
+        def die_after_backup(src, dst, *args, **kwargs):
+            rename(src, dst, *args, **kwargs)
+            if str(src) == {str(index_dir)!r}:
+                os._exit(9)
+        os.replace = die_after_backup
+        ingest({str(demo_kb)!r}, {str(index_dir)!r})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert not index_dir.exists()
+    backups = list(tmp_path.glob(".index.gsp-old-*"))
+    assert len(backups) == 1 and _manifest(backups[0]) == old_manifest
+    retr = Retriever.load(index_dir)  # puts the backup back
+    assert len(retr) == old_manifest["counts"]["chunks"] and index_dir.is_dir()
+    assert not backups[0].exists()
+    assert sorted(p.name for p in index_dir.iterdir()) == sorted([INDEX_FILE, CHUNKS_FILE, MANIFEST_FILE])
+    # The dead run's staging folder is cleared by the next ingest (it carries our marker); a
+    # look-alike folder without the marker is not ours and stays.
+    debris = list(tmp_path.glob(".index.gsp-staging-*"))
+    assert len(debris) == 1
+    lookalike = tmp_path / ".index.gsp-staging-1-00000000"
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine", encoding="utf-8")
+    assert ingest(demo_kb, index_dir).ok
+    assert not debris[0].exists()
+    assert (lookalike / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_handshape_chart_entries_are_found_by_their_id(demo_index):
