@@ -3,12 +3,14 @@ descriptions P1–P4 in batches of signs, then write the run and publish a summa
 
 Thin wiring: every step is a function of :mod:`gsp.generate` (usable without Prefect). The flow is
 async so that all batch tasks share one event loop, one LLM client and therefore one set of
-concurrency and rate limits.
+concurrency and rate limits. A run with too many failed rows is written and reported, then the
+flow raises :class:`gsp.generate.RunFailed`, so the flow run ends Failed and a deployment alarms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from flows.ingest import ingest_task
 from gsp.generate import (
     BatchResult,
     RunPlan,
+    RunFailed,
     describe_batch,
     finalize_run,
     llm_endpoint,
@@ -29,6 +32,44 @@ from gsp.llm.cache import ResponseCache
 from gsp.llm.client import LLMClient
 from gsp.schema import KINDS, STATUS_OK
 from gsp.settings import Settings
+
+
+class _HideExpectedFailures(logging.Filter):
+    """Console only: drops Prefect's records of an expected failure (its traceback, and the
+    "Finished in state Failed(...)" repeat of the message), which the CLI prints as one line.
+    The API log handler has no such filter, so the flow run's logs in Prefect keep everything."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.expected = expected
+        names: set[str] = set()
+        todo = list(expected)
+        while todo:
+            cls = todo.pop()
+            names.add(cls.__name__)
+            todo.extend(cls.__subclasses__())
+        self.names = tuple(f"{n}{sep}" for n in names for sep in (":", "("))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not isinstance(exc, self.expected)
+        message = record.getMessage()
+        return not any(n in message for n in self.names)
+
+
+def hide_expected_failures(expected: tuple[type[BaseException], ...]) -> None:
+    """Keep Prefect from printing a traceback for failures the CLI reports as one line (bad
+    input, an unreachable endpoint, a failed description run). Call after importing the flows."""
+    from prefect.logging.handlers import APILogHandler
+
+    quiet = _HideExpectedFailures(expected)
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler):
+                handler.addFilter(quiet)
 
 
 def build_settings(*, base_url: str | None = None, model: str | None = None, structured_output: str | None = None,
@@ -63,7 +104,9 @@ async def batch_task(plan: RunPlan, client: LLMClient, entries: list, index: int
 def write_task(plan: RunPlan, result: BatchResult, client: LLMClient, is_local: bool) -> dict[str, Any]:
     run = finalize_run(plan, result, client, is_local=is_local)
     get_run_logger().info("%s", run.summary())
-    return {"run_dir": str(run.run_dir), "manifest": run.manifest, "failed": run.failed, "summary": run.summary()}
+    return {"run_dir": str(run.run_dir), "manifest": run.manifest, "failed": run.failed, "summary": run.summary(),
+            "run_failed": run.run_failed, "failure_line": run.failure_line(),
+            "manifest_path": str(run.manifest_path)}
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)
@@ -79,6 +122,10 @@ def publish_task(written: dict[str, Any], samples: list[dict[str, Any]]) -> None
                       "cost": u.get("cost")})
     create_table_artifact(key="gsp-descriptions", table=table,
                           description=f"Description run {m['run_id']} ({m['model']} at {m['endpoint']})")
+    if written["run_failed"]:
+        create_markdown_artifact(key="gsp-description-samples", markdown=_failure_markdown(written),
+                                 description=f"Description run {m['run_id']} FAILED")
+        return
     lines = [f"# Description run `{m['run_id']}`", "", f"Written to `{written['run_dir']}`.", ""]
     for s in samples:
         lines += [f"## {s['label']} · {s['gloss']}", ""]
@@ -90,6 +137,15 @@ def publish_task(written: dict[str, Any], samples: list[dict[str, Any]]) -> None
         lines.append("")
     create_markdown_artifact(key="gsp-description-samples", markdown="\n".join(lines),
                              description="A few generated descriptions")
+
+
+def _failure_markdown(written: dict[str, Any]) -> str:
+    m = written["manifest"]
+    lines = [f"# Description run `{m['run_id']}` failed", "", m["failure_reason"], "",
+             f"Manifest: `{written['manifest_path']}`. `LATEST` still names the previous good run.", "",
+             "| cause | rows |", "|---|---|"]
+    lines += [f"| {c['cause'].replace('|', '/')} | {c['rows']} |" for c in m["failure_causes"][:10]]
+    return "\n".join(lines)
 
 
 def _samples(result: BatchResult, n: int = 3) -> list[dict[str, Any]]:
@@ -136,4 +192,6 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
     finally:
         cache.close()
     publish_task(written, _samples(merged))
-    return {k: written[k] for k in ("run_dir", "failed", "summary")}
+    if written["run_failed"]:
+        raise RunFailed(written["failure_line"])
+    return {k: written[k] for k in ("run_dir", "failed", "summary", "failure_line", "manifest_path")}

@@ -24,9 +24,15 @@ DEFAULT_STREAM_WEIGHTS = {"joint": 1.0, "bone": 1.0, "joint_motion": 0.5, "bone_
 @task(name="encode-texts", cache_policy=NO_CACHE)
 def encode_texts_task(descriptions: str) -> dict[str, Any]:
     """Encode the run's Tg/Ts/Tp once into the text-feature cache (training then only loads)."""
-    from mc.text_features import build_text_bank
+    from mc.text_features import TextFeatureError, build_text_bank
 
-    summary = build_text_bank(descriptions).summary()
+    try:
+        summary = build_text_bank(descriptions).summary()
+    except TextFeatureError as exc:
+        # A run with no usable text (e.g. every answer of the embedded model rejected by the
+        # quality check) still trains: CE only, said here and recorded in the flow's result.
+        get_run_logger().warning("%s: training CE only", exc)
+        return {"error": str(exc)}
     get_run_logger().info("text features: %s", summary)
     return summary
 
@@ -76,6 +82,8 @@ def mc_flow(
     streams = streams or ["joint"]
     out_dir = Path(out)
     text = encode_texts_task(descriptions) if (descriptions and contrastive) else None
+    if text is not None and "error" in text:
+        contrastive = False
     base = {"data": data, "descriptions": descriptions, "preset": preset, "epochs": epochs, "seed": seed,
             "contrastive": contrastive, "ablation": ablation, "device": device}
     results: dict[str, dict[str, Any]] = {}

@@ -47,6 +47,7 @@ async def pipeline_flow(
 ) -> dict[str, Any]:
     """The main job: every stage of GSP-MC, end to end, on the given vocabulary."""
     artifacts = Path(artifacts_dir)
+    # A failed description run raises RunFailed here, so nothing is trained on it.
     generated = await gsp_flow(vocab=vocab, limit=limit)
     data = synth_task(
         str(artifacts / "skeletons" / f"demo-s{samples_per_class}-f{synth_frames}-seed{seed}.pkl"),

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flows import use_local_prefect
 
@@ -45,8 +46,9 @@ def generate(
 
     The endpoint comes from GSP_LLM_BASE_URL / GSP_LLM_API_KEY / GSP_LLM_MODEL /
     GSP_LLM_STRUCTURED_OUTPUT; unset, the embedded local LLM is started. Exit status 1 when any
-    row failed, 2 on bad input or a refused endpoint."""
-    from gsp.generate import GenerationError, generate_descriptions
+    row failed (a run with more than GSP_LLM_MAX_FAILED_SHARE failed rows is marked failed and not
+    made LATEST), 2 on bad input or an unreachable or refusing endpoint."""
+    from gsp.generate import GenerationError, RunFailed
     from gsp.llm.client import FatalLLMError
     from gsp.llm.server import LocalServerError
     from gsp.prompts import PromptError
@@ -54,33 +56,53 @@ def generate(
 
     label_list = _parse_labels(labels)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    expected = (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, FileNotFoundError)
+    from gsp.atomic import UnsafePathError
+
+    expected = (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, FileNotFoundError,
+                UnsafePathError)
     try:
         if prefect:
             use_local_prefect()
-            from flows.gsp_flow import gsp_flow
+            from flows.gsp_flow import gsp_flow, hide_expected_failures
 
+            hide_expected_failures((*expected, RunFailed))
             result = asyncio.run(gsp_flow(
                 vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
                 kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
                 use_index=use_index))
-            summary, failed = result["summary"], result["failed"]
+            summary, failure_line = result["summary"], result["failure_line"]
         else:
-            if use_index and ingest:
-                from gsp.index import ingest as ingest_kb
-
-                report = ingest_kb(kb, index)
-                index = report.index_dir
-            run = generate_descriptions(vocab, index_dir=index, use_index=use_index, out_dir=out, labels=label_list,
-                                        limit=limit, progress=progress and sys.stderr.isatty())
-            summary, failed = run.summary(), run.failed
+            summary, failure_line = _generate_without_prefect(vocab, index, kb, out, limit, label_list, ingest,
+                                                              use_index, progress)
+    except RunFailed as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except expected as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     typer.echo(summary)
-    if failed:
-        err.print(f"[yellow]{failed} row(s) failed; see failures in the manifest[/yellow]")
+    if failure_line:
+        err.print(f"[yellow]{escape(failure_line)}[/yellow]", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, out: Path | None,
+                              limit: int | None, labels: list[int] | None, ingest: bool, use_index: bool,
+                              progress: bool) -> tuple[str, str | None]:
+    """The run as a plain library call: (summary, failure line); a failed run raises RunFailed
+    after its summary is printed."""
+    from gsp.generate import RunFailed, generate_descriptions
+
+    if use_index and ingest:
+        from gsp.index import ingest as ingest_kb
+
+        index = ingest_kb(kb, index).index_dir
+    run = generate_descriptions(vocab, index_dir=index, use_index=use_index, out_dir=out, labels=labels,
+                                limit=limit, progress=progress and sys.stderr.isatty())
+    if run.run_failed:
+        typer.echo(run.summary())
+        raise RunFailed(run.failure_line())
+    return run.summary(), run.failure_line()
 
 
 def serve(

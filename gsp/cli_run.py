@@ -67,9 +67,11 @@ def register(app: typer.Typer) -> None:
                           f"choose from {', '.join(STREAMS)}", soft_wrap=True)
             raise typer.Exit(2)
         console.rule("[bold]1/3 knowledge base")
+        from gsp.atomic import UnsafePathError
+
         try:
             report = run_ingest(None, None)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, UnsafePathError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
         if report.failed:
@@ -80,34 +82,43 @@ def register(app: typer.Typer) -> None:
         if not settings.llm.base_url:
             console.print("no GSP_LLM_BASE_URL: using the embedded local LLM (SmolLM2-135M; poor text, real pipeline)")
         use_local_prefect()
+        from flows.gsp_flow import hide_expected_failures
         from flows.pipeline import pipeline_flow
 
-        from gsp.generate import GenerationError
+        from gsp.generate import GenerationError, RunFailed
         from gsp.llm.client import FatalLLMError
         from gsp.llm.server import LocalServerError
         from gsp.prompts import PromptError
         from gsp.vocab import VocabError
         from mc.data import SampleError
 
+        hide_expected_failures((VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError,
+                                SampleError, UnsafePathError, RunFailed))
         try:
             result = asyncio.run(pipeline_flow(
                 vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
                 samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
                 streams=stream_list,
             ))
-        except (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, SampleError) as exc:
+        except (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, SampleError,
+                UnsafePathError) as exc:
             # Bad input or a refused endpoint: one clear line, not a traceback.
             console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
+        except RunFailed as exc:
+            # The descriptions failed: training on them would be training on nothing.
+            console.print(f"[red]error:[/red] {escape(str(exc))}; stopped before training", soft_wrap=True)
+            raise typer.Exit(1)
 
         console.rule("[bold]3/3 summary")
         gen, trained = result["descriptions"], result["training"]
         console.print(gen["summary"])
         metrics = Table(title="test metrics")
-        for col in ("stream", "top1", "top5", "epochs", "seconds"):
+        for col in ("stream", "loss", "top1", "top5", "epochs", "seconds"):
             metrics.add_column(col, justify="right")
         for name, m in trained["streams"].items():
-            metrics.add_row(name, f"{m['top1']:.3f}", f"{m['top5']:.3f}", str(m["epochs"]), f"{m['seconds']:.0f}")
+            metrics.add_row(name, "CE + L_con" if m["contrastive"] else "CE only", f"{m['top1']:.3f}",
+                            f"{m['top5']:.3f}", str(m["epochs"]), f"{m['seconds']:.0f}")
         if trained.get("ensemble"):
             e = trained["ensemble"]
             metrics.add_row("ensemble", f"{e['top1']:.3f}", f"{e['top5']:.3f}", "", "")
@@ -123,5 +134,8 @@ def register(app: typer.Typer) -> None:
         for name, path in trained["exports"].items():
             where.add_row(f"inference export ({name})", path)
         Console().print(where)
-        if gen["failed"]:
-            console.print(f"[yellow]{gen['failed']} description row(s) failed (recorded in the parquet)[/yellow]")
+        if (trained.get("text_features") or {}).get("error"):
+            console.print(f"[yellow]{escape(trained['text_features']['error'])}: trained with cross-entropy only"
+                          "[/yellow]", soft_wrap=True)
+        if gen.get("failure_line"):
+            console.print(f"[yellow]{escape(gen['failure_line'])}[/yellow]", soft_wrap=True)

@@ -4,8 +4,11 @@ and the part-level texts Tp (eq. 6), written as one description run (layout: :mo
 
 Per sign: retrieve → P1 → (P2 ‖ retrieve references → P3) → P4. A failure at any step becomes an
 explicit ``failed`` row with its reason (Tg and Tp fail with the upstream reason when Tb did);
-Ts still comes from the label when Tb failed. All signs run concurrently; the client's semaphore
-and rate limiters decide how many requests are in flight.
+Ts still comes from the label when Tb failed. Every text passes the quality check of
+:mod:`gsp.quality` or is re-asked like schema-invalid output. A run in which more than
+``max_failed_share`` of the rows failed is written, but marked failed and not made ``LATEST``.
+All signs run concurrently; the client's semaphore and rate limiters decide how many requests
+are in flight.
 
 The pieces (:func:`prepare_run`, :func:`describe_batch`, :func:`finalize_run`,
 :func:`llm_endpoint`) are what the Prefect flow wires as tasks; :func:`generate_descriptions`
@@ -20,18 +23,20 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from gsp.atomic import write_json_atomic, write_text_atomic
 from gsp.llm.cache import ResponseCache
-from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, endpoint_host
+from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, check_endpoint, endpoint_host
 from gsp.llm.server import default_replicas, local_llm_server
 from gsp.llm.structured import inline_schema
 from gsp.prompts import Prompt, load_prompts, output_model, schema_text
+from gsp.quality import is_quality_failure, texts_problem
 from gsp.schema import BODY_PARTS, KINDS, LATEST_POINTER, MANIFEST, STATUS_FAILED, STATUS_OK, row_key, write_kind
 from gsp.settings import Settings, get_settings
 from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
@@ -39,11 +44,18 @@ from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
 log = logging.getLogger("gsp.generate")
 
 KIND_OF_PROMPT = {"P1": "Tb", "P2": "Ts", "P3": "Tg", "P4": "Tp"}
+RUN_COMPLETE, RUN_FAILED = "complete", "failed"
 NO_PASSAGES = "(no dictionary passage was found for this sign; describe it from general knowledge)"
 
 
 class GenerationError(RuntimeError):
     pass
+
+
+class RunFailed(RuntimeError):
+    """A description run was written but too many of its rows failed (see ``max_failed_share``):
+    it is marked failed and is not ``LATEST``. The message is one line with the causes and the
+    manifest's path."""
 
 
 class Retriever(Protocol):
@@ -163,6 +175,9 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
     s = settings.llm
     if s.base_url:
         key = s.api_key.get_secret_value() if s.api_key else None
+        # The embedded server's readiness is checked when it starts; a configured one is checked
+        # here, so that a dead endpoint costs seconds rather than every request's retries.
+        check_endpoint(s.base_url, key, s.model, timeout_s=s.preflight_timeout_s, attempts=s.preflight_attempts)
         yield Endpoint(s.base_url, s.model, key, s.structured_output), s.concurrency, False
         return
     replicas = s.local_servers or default_replicas()
@@ -204,6 +219,15 @@ def format_passages(hits: Sequence[Any]) -> str:
         text = " ".join(str(hit.text).split())
         lines.append(f"[{i}] {Path(str(hit.file)).name} p.{hit.page}{head}: {text}")
     return "\n".join(lines)
+
+
+def answer_texts(parsed: Any) -> list[str]:
+    """The texts of one parsed answer: a description, k variants or the parts' texts."""
+    if hasattr(parsed, "description"):
+        return [parsed.description]
+    if hasattr(parsed, "variants"):
+        return list(parsed.variants)
+    return [part.text for part in parsed.parts]
 
 
 class SignDescriber:
@@ -271,10 +295,13 @@ class SignDescriber:
     async def ask(self, key: str, entry: VocabEntry, **variables: Any) -> tuple[ChatResult | None, str | None]:
         prompt = self.plan.prompts[key]
         messages = prompt.render(gloss=entry.describe(), schema=schema_text(self.models[key]), **variables)
+        kind = KIND_OF_PROMPT[key]
+        forms = [*entry.query_forms(), entry.gloss]
         started = time.monotonic()
         try:
-            result = await self.client.structured(messages, self.models[key], self.schemas[key],
-                                                  name=f"{prompt.produces}_{key}", stage=KIND_OF_PROMPT[key])
+            result = await self.client.structured(
+                messages, self.models[key], self.schemas[key], name=f"{prompt.produces}_{key}", stage=kind,
+                check=lambda parsed: texts_problem(answer_texts(parsed), kind, forms))
         except LLMCallError as exc:
             return None, str(exc)
         finally:
@@ -381,6 +408,47 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
 
 # --- writing the run ------------------------------------------------------------------------
 
+_UPSTREAM = re.compile(r"^(?:upstream T[bg] failed: )+")
+_DETAIL_TAIL = re.compile(r"(?:: ['\"].*| \((?:after|still after) \d+ (?:attempt|answer)\(s\)\)| \(circuit breaker\)"
+                          r"| in \d+ of the last \d+ requests)$")
+
+
+def failure_cause(error: str | None) -> str:
+    """A failed row's cause without what is particular to the row: the upstream chain ("upstream
+    Tb failed: …" counts as the Tb failure's cause), the rejected text, attempt counts. Rows that
+    failed the same way get the same cause."""
+    cause = _UPSTREAM.sub("", (error or "no output").strip())
+    while True:
+        shorter = _DETAIL_TAIL.sub("", cause)
+        if shorter == cause:
+            break
+        cause = shorter
+    return cause[:160]
+
+
+def failure_causes(errors: Iterable[str | None]) -> list[dict[str, Any]]:
+    """Causes with their row counts, most common first."""
+    counts = Counter(failure_cause(e) for e in errors)
+    return [{"cause": c, "rows": n} for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def failed_run_reason(failed: int, total: int, max_failed_share: float) -> str | None:
+    """Why a run with ``failed`` of ``total`` rows failed counts as failed, or ``None`` when it
+    does not: more than ``max_failed_share`` of its rows failed (no rows at all is a failure too)."""
+    if total == 0:
+        return "the run produced no rows"
+    if failed / total > max_failed_share:
+        return (f"{failed} of {total} rows failed ({failed / total:.0%}; "
+                f"GSP_LLM_MAX_FAILED_SHARE is {max_failed_share:.0%})")
+    return None
+
+
+def format_causes(causes: Sequence[dict[str, Any]], top: int = 3) -> str:
+    shown = "; ".join(f"{c['cause']} ×{c['rows']}" for c in causes[:top])
+    more = len(causes) - top
+    return shown + (f"; {more} other cause(s)" if more > 0 else "")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -389,6 +457,31 @@ class RunResult:
     @property
     def failed(self) -> int:
         return sum(c["failed"] for c in self.manifest["counts"].values())
+
+    @property
+    def run_failed(self) -> bool:
+        """The run as a whole failed (too many failed rows): it is not LATEST."""
+        return self.manifest["status"] == RUN_FAILED
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.run_dir / MANIFEST
+
+    def failure_line(self) -> str | None:
+        """One line for the end of a run with failed rows: how many, the main causes, where the
+        manifest is; ``None`` when every row is ok."""
+        m = self.manifest
+        if self.run_failed:
+            return (f"description run {m['run_id']} failed: {m['failure_reason']}; causes: "
+                    f"{format_causes(m['failure_causes'])}; not made LATEST; manifest: {self.manifest_path}")
+        if self.failed:
+            return (f"{self.failed} row(s) failed ({format_causes(m['failure_causes'])}); "
+                    f"see failures in {self.manifest_path}")
+        return None
+
+    def raise_if_failed(self) -> None:
+        if self.run_failed:
+            raise RunFailed(self.failure_line())
 
     def summary(self) -> str:
         m = self.manifest
@@ -403,12 +496,16 @@ class RunResult:
         cost = f", cost {m['cost']:.4f}" if m.get("cost") is not None else ""
         lines.append(f"  total: {t['prompt']}+{t['completion']} tokens this run{cost}; "
                      f"{self.failed} failed row(s); {len(m['no_retrieval_hit'])} gloss(es) without a dictionary hit")
+        if m["failure_causes"]:
+            lines.append(f"  failure causes: {format_causes(m['failure_causes'], top=5)}")
+        lines.append(f"  status: {m['status']}; manifest: {self.manifest_path}")
         return "\n".join(lines)
 
 
 def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_local: bool = False) -> RunResult:
     """Write the four parquet files and the manifest into a staging folder, publish it as
-    ``<out>/<run_id>`` with one rename, then point ``LATEST`` at it. A run folder is never rewritten."""
+    ``<out>/<run_id>`` with one rename, then point ``LATEST`` at it unless the run failed (more than
+    ``max_failed_share`` of its rows failed). A run folder is never rewritten."""
     run_dir = plan.out_root / plan.run_id
     if run_dir.exists():
         raise GenerationError(f"{run_dir}: run folder exists; a run is never overwritten")
@@ -417,6 +514,20 @@ def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_lo
     for kind in KINDS:
         write_kind(staging, kind, result.rows[kind])
 
+    manifest = run_manifest(plan, result, client, is_local)
+    write_json_atomic(staging / MANIFEST, manifest)
+    staging.rename(run_dir)
+    # A failed run stays on disk for inspection, but training and `gsp train` keep using the last
+    # good run that LATEST names.
+    if manifest["status"] != RUN_FAILED:
+        write_text_atomic(plan.out_root / LATEST_POINTER, plan.run_id + "\n")
+    else:  # said as the run's last line by the CLI and the flow; here only for library users' logs
+        log.info("description run %s failed: %s", plan.run_id, manifest["failure_reason"])
+    return RunResult(run_dir=run_dir, manifest=manifest)
+
+
+def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local: bool) -> dict[str, Any]:
+    """The run's manifest: provenance, counts, failures and their causes, usage, timings."""
     s = plan.settings
     usage = client.usage_dict()
     counts = {kind: {"rows": len(rows), "ok": sum(r["status"] == STATUS_OK for r in rows),
@@ -427,9 +538,16 @@ def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_lo
                         "error": r["error"]} for rows in result.rows.values() for r in rows
                        if r["status"] == STATUS_FAILED), key=lambda f: f["key"])
     costs = [u["cost"] for u in usage.values() if u["cost"] is not None]
+    counted = [f for f in failures
+               if not (is_local and not s.llm.local_quality_fails_run and is_quality_failure(failure_cause(f["error"])))]
+    reason = failed_run_reason(len(counted), sum(c["rows"] for c in counts.values()), s.llm.max_failed_share)
     manifest = {
         "run_id": plan.run_id,
-        "status": "complete",
+        "status": RUN_FAILED if reason else RUN_COMPLETE,
+        "failure_reason": reason,
+        # rows counted toward max_failed_share (the embedded model's quality rejections may be exempt)
+        "failed_rows_counted": len(counted),
+        "failure_causes": failure_causes(f["error"] for f in failures),
         "started_at": plan.started_at,
         "finished_at": utc_now(),
         "vocabulary": {"path": str(plan.vocabulary.path), "sha256": plan.vocabulary.sha256,
@@ -459,10 +577,7 @@ def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_lo
         "timings": {"wall_s": round(time.monotonic() - plan.started_monotonic, 3),
                     "busy_s": {k: round(v, 3) for k, v in result.busy_s.items()}},
     }
-    write_json_atomic(staging / MANIFEST, manifest)
-    staging.rename(run_dir)
-    write_text_atomic(plan.out_root / LATEST_POINTER, plan.run_id + "\n")
-    return RunResult(run_dir=run_dir, manifest=manifest)
+    return manifest
 
 
 # --- the whole thing, without Prefect --------------------------------------------------------

@@ -7,9 +7,14 @@ text and the same response id. It recognises the shape the generator asks for (d
 Switchable faults (:class:`Fault`): ``429`` (with Retry-After), ``500``, ``drop`` (connection closed
 without an answer), ``slow`` (answer after ``delay_s``), ``truncated`` (body shorter than its
 Content-Length), ``garbage`` (HTTP body is not JSON), ``invalid_json`` (message content is not
-JSON), ``schema_invalid`` (content is JSON of the wrong shape). A fault applies to requests whose
-text contains ``only_if`` (default: all), for the first ``times`` attempts of each distinct body
-(``None``: always).
+JSON), ``schema_invalid`` (content is JSON of the wrong shape), ``bad_text`` (the right shape, but
+every text in it is ``text``: a file path, a gloss echoed back …). A fault applies to requests
+whose text contains ``only_if`` (default: all), for the first ``times`` attempts of each distinct
+body (``None``: always).
+
+``require_key``: every request without ``Authorization: Bearer <require_key>`` gets HTTP 401, as
+a provider answers a wrong key. ``models_endpoint=False``: ``GET /models`` answers 404, as some
+OpenAI-compatible servers do.
 
 Run standalone: ``python tests/fake_openai.py --port 8011 --latency 0.2``.
 """
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BODY_PARTS = ("body", "left_hand", "right_hand", "mouth", "face")
-FAULT_KINDS = ("429", "500", "drop", "slow", "truncated", "garbage", "invalid_json", "schema_invalid")
+FAULT_KINDS = ("429", "500", "drop", "slow", "truncated", "garbage", "invalid_json", "schema_invalid", "bad_text")
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Fault:
     retry_after: float = 1.0
     delay_s: float = 5.0
     total: int | None = None   # stop after this many applications over all bodies
+    text: str = "./home.json"  # what every text of a bad_text answer says
     applied: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +101,16 @@ def answer_for(body: dict, digest: str) -> dict:
     return {"description": f"{sign}: the right hand, flat, moves forward from the chest [{tag}]"}
 
 
+def bad_answer_for(body: dict, text: str) -> dict:
+    """An answer of the requested shape whose every text is ``text``."""
+    good = answer_for(body, "0" * 64)
+    if "parts" in good:
+        return {"parts": [{"text": text, "body_parts": ["right_hand"]}]}
+    if "variants" in good:
+        return {"variants": [text] * len(good["variants"])}
+    return {"description": text}
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # clients that hang up are expected
         pass
@@ -103,9 +119,13 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeOpenAI:
     """Start with ``with FakeOpenAI() as srv:``; ``srv.base_url`` ends in ``/v1``."""
 
-    def __init__(self, latency_s: float = 0.0, port: int = 0, model: str = "fake-model"):
+    def __init__(self, latency_s: float = 0.0, port: int = 0, model: str = "fake-model",
+                 require_key: str | None = None, models_endpoint: bool = True):
         self.latency_s = latency_s
         self.model = model
+        self.require_key = require_key
+        self.models_endpoint = models_endpoint
+        self.gets: list[str] = []   # paths of the GET requests (the endpoint check)
         self.faults: list[Fault] = []
         self.records: list[Record] = []
         self.bodies: dict[str, dict] = {}
@@ -203,8 +223,18 @@ class FakeOpenAI:
                 self.wfile.write(payload)
                 self.wfile.flush()
 
+            def _refuse_key(self) -> bool:
+                if server.require_key is None or self.headers.get("Authorization") == f"Bearer {server.require_key}":
+                    return False
+                self._send(401, b'{"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}')
+                return True
+
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                with server._lock:
+                    server.gets.append(self.path)
+                if self._refuse_key():
+                    return
+                if self.path.rstrip("/").endswith("/models") and server.models_endpoint:
                     self._send(200, json.dumps({"object": "list", "data": [
                         {"id": server.model, "object": "model", "owned_by": "fake"}]}).encode())
                 else:
@@ -214,6 +244,8 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 auth = self.headers.get("Authorization")
+                if self._refuse_key():
+                    return
                 try:
                     body = json.loads(raw)
                 except json.JSONDecodeError:
@@ -256,6 +288,8 @@ class FakeOpenAI:
                     content = "Sure! Here is the description: the hand moves {"
                 elif kind == "schema_invalid":
                     content = json.dumps({"unexpected": "shape", "items": [1, 2]})
+                elif kind == "bad_text":
+                    content = json.dumps(bad_answer_for(body, fault.text), ensure_ascii=False)
                 else:
                     content = json.dumps(answer_for(body, digest), ensure_ascii=False)
                 prompt_tokens = max(1, len(text) // 4)

@@ -3,7 +3,10 @@ on every fault kind, Retry-After, re-asks on invalid output, rate limits, the re
 
 import asyncio
 import json
+import socket
+import time
 
+import httpx
 import pytest
 
 from fake_openai import Fault, FakeOpenAI
@@ -244,3 +247,114 @@ def test_requests_spread_over_replicas(tmp_path):
         assert first.request_count + second.request_count == 8
         # each request goes to an idle replica: with two slots, neither server takes them all
         assert first.request_count >= 2 and second.request_count >= 2
+
+
+# --- circuit breaker, endpoint check, quality re-asks (issue 8) ------------------------------
+
+def test_breaker_verdict_needs_a_full_window_of_one_cause():
+    from gsp.llm.client import breaker_verdict
+
+    assert breaker_verdict(["HTTP 500"] * 3, window=4, share=0.8) is None          # window not full
+    assert breaker_verdict(["HTTP 500"] * 4, window=4, share=0.8) == ("HTTP 500", 4)
+    mixed = ["HTTP 500", "connection error", "HTTP 500", None, "HTTP 500"]
+    assert breaker_verdict(mixed, window=5, share=0.8) is None                     # 3 of 5 alike
+    assert breaker_verdict(mixed + ["HTTP 500"] * 3, window=5, share=0.8) == ("HTTP 500", 4)
+    assert breaker_verdict(["HTTP 500"] * 9, window=0, share=0.8) is None          # disabled
+
+
+def test_circuit_breaker_stops_sending_and_fails_the_rest_with_the_cause(srv, tmp_path):
+    srv.faults = [Fault("500", times=None)]
+    client = make_client(srv, tmp_path, cache=False, breaker_window=5, concurrency=2, max_retries=6)
+
+    async def go():
+        try:
+            return await asyncio.gather(*(client.structured(
+                [{"role": "user", "content": f"Sign: s{i}"}], DescriptionOut, inline_schema(DescriptionOut),
+                name="t", stage="Tb") for i in range(12)), return_exceptions=True)
+        finally:
+            await client.aclose()
+    started = time.monotonic()
+    outcomes = asyncio.run(go())
+    assert all(isinstance(o, LLMCallError) for o in outcomes)
+    assert all("HTTP 500" in str(o) for o in outcomes)
+    assert sum("circuit breaker" in str(o) for o in outcomes) >= 11
+    # without the breaker: 12 requests × 7 attempts; with it, the window plus what was in flight
+    assert srv.request_count <= 5 + 2
+    assert time.monotonic() - started < 5
+
+
+def test_rate_limiting_does_not_trip_the_breaker(srv, tmp_path):
+    srv.faults = [Fault("429", times=3, retry_after=0.05)]
+    client = make_client(srv, tmp_path, breaker_window=2)
+    assert ask(client).ok and not client.breaker.is_open
+
+
+def test_endpoint_check(tmp_path):
+    from gsp.llm.client import EndpointUnavailable, check_endpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(EndpointUnavailable, match=rf"127\.0\.0\.1:{port}/v1: connection refused"):
+        check_endpoint(f"http://127.0.0.1:{port}/v1", "sk-SECRET", timeout_s=2, attempts=2)
+    assert time.monotonic() - started < 3
+    with FakeOpenAI(require_key="sk-right") as server:
+        with pytest.raises(EndpointUnavailable, match="rejected the key \\(HTTP 401") as info:
+            check_endpoint(server.base_url, "sk-WRONG-SECRET", timeout_s=2)
+        assert "WRONG-SECRET" not in str(info.value)
+        check_endpoint(server.base_url, "sk-right", "fake-model", timeout_s=2)  # passes
+    with FakeOpenAI(models_endpoint=False) as server:
+        check_endpoint(server.base_url, None, timeout_s=2)  # no /models (404) is not a failure
+        assert server.gets == ["/v1/models"]
+
+
+def test_connect_failure_names_the_cause():
+    from gsp.llm.client import connect_failure
+
+    def chained(outer: Exception, inner: BaseException) -> Exception:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise outer from exc
+        except Exception as exc:
+            return exc
+    assert connect_failure(chained(httpx.ConnectError("boom"), socket.gaierror(-2, "Name or service not known")),
+                           5) == "unknown host (DNS lookup failed)"
+    assert connect_failure(chained(httpx.ConnectError("x"), ConnectionRefusedError(111, "refused")), 5) \
+        == "connection refused"
+    assert connect_failure(httpx.ConnectTimeout("slow"), 5) == "no answer within 5 s"
+
+
+def test_quality_check_re_asks_with_the_problem_and_fails_with_it(srv, tmp_path):
+    srv.faults = [Fault("bad_text", total=1, text="./home.json")]
+    client = make_client(srv, tmp_path)
+    check = lambda parsed: "quality: looks like a file path" if parsed.description.startswith("./") else None
+
+    async def go(c):
+        try:
+            return await c.structured(MESSAGES, DescriptionOut, inline_schema(DescriptionOut), name="t",
+                                      stage="Tb", check=check)
+        finally:
+            await c.aclose()
+    result = asyncio.run(go(client))
+    assert result.ok and not result.parsed.description.startswith("./")
+    assert client.usage["Tb"].rejected == 1 and client.usage["Tb"].repairs == 1
+    repair = list(srv.bodies.values())[1]["messages"]
+    assert repair[-2]["content"] == json.dumps({"description": "./home.json"})
+    assert repair[-1]["content"].startswith("That answer is unusable: quality: looks like a file path")
+
+    srv.faults = [Fault("bad_text", times=None, only_if="Sign: bye", text="./bye.json")]
+    stubborn = make_client(srv, tmp_path, repair_attempts=2)
+    result = asyncio.run(_ask_checked(stubborn, check))
+    assert not result.ok
+    assert result.error == "quality: looks like a file path (still after 3 answer(s))"
+
+
+async def _ask_checked(client, check):
+    try:
+        return await client.structured([MESSAGES[0], {"role": "user", "content": "Sign: bye"}], DescriptionOut,
+                                        inline_schema(DescriptionOut), name="t", stage="Tb", check=check)
+    finally:
+        await client.aclose()

@@ -6,6 +6,7 @@ import pytest
 from gsp.generate import generate_descriptions
 from gsp.llm import local_llm_server
 from gsp.prompts import DescriptionOut, PartsOut, synonyms_model
+from gsp.quality import text_problem
 from gsp.schema import BODY_PARTS, KINDS, read_run
 from gsp.settings import PROJECT_ROOT, Settings
 
@@ -50,8 +51,15 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
         synonyms_model(settings.llm.synonyms)(variants=list(group.sort_values("variant")["text"]))
     for parts in ok["Tp"]["body_parts"]:
         assert 1 <= len(parts) and set(parts) <= set(BODY_PARTS)
-    PartsOut(parts=[{"text": t, "body_parts": list(b)} for t, b in zip(ok["Tp"]["text"], ok["Tp"]["body_parts"])])
-    assert sum(len(f) for f in ok.values()) > 0
+    if len(ok["Tp"]):
+        PartsOut(parts=[{"text": t, "body_parts": list(b)} for t, b in zip(ok["Tp"]["text"], ok["Tp"]["body_parts"])])
+    # ... and passes the quality check; the rest (most of a 135M model's answers) failed with a reason
+    for kind, frame in frames.items():
+        for text, status, error in zip(frame["text"], frame["status"], frame["error"]):
+            if status == "ok":
+                assert text_problem(text, kind) is None, (kind, text)
+            else:
+                assert error, kind
 
     # A second run hits the response cache although the local server listens on a new port.
     again = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,

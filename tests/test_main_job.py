@@ -50,7 +50,15 @@ def test_gsp_run_end_to_end_and_rerun(tmp_path):
     metrics_files = list((art / "runs").glob("*/joint/metrics.json"))
     assert len(metrics_files) == 1
     metrics = json.loads(metrics_files[0].read_text())
-    assert metrics["epochs"] == 1 and 0.0 <= metrics["top1"] <= 1.0 and metrics["contrastive"]
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["top1"] <= 1.0
+    # SmolLM2's answers mostly fail the quality check; those rows are recorded as failed, yet the
+    # embedded model's run is not failed for them, and training uses whatever text passed.
+    assert manifest["status"] == "complete", manifest.get("failure_reason")
+    usable = sum(int((frames[k]["status"] == "ok").sum()) for k in ("Tg", "Ts", "Tp"))
+    if usable:
+        assert metrics["contrastive"] and metrics["text_bank"]["coverage"]
+    else:
+        assert not metrics["contrastive"] and "trained with cross-entropy only" in out
     assert (metrics_files[0].parent / "export.pt").is_file()
     assert list((art / "skeletons").glob("*.pkl"))
 

@@ -7,8 +7,12 @@
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
   unparseable bodies, honouring ``Retry-After`` (``tenacity``; the SDK's own retries are off so
   that one policy, with one set of counters, governs every attempt);
-- structured output validated with pydantic, with a bounded number of re-asks that show the model
-  its validation error (:mod:`gsp.llm.structured`);
+- structured output validated with pydantic and, optionally, a quality check of its content, with a
+  bounded number of re-asks that show the model what was wrong (:mod:`gsp.llm.structured`);
+- a circuit breaker: when most recent attempts failed for the same cause, no further request is
+  sent and every pending one fails at once with that cause, instead of each retrying for minutes;
+- a preflight check of a configured endpoint (:func:`check_endpoint`): a refused connection, an
+  unknown host or a rejected key ends the run in seconds;
 - token and cost accounting per stage.
 
 The API key is handed to the SDK and nowhere else: not to the cache key, logs or results.
@@ -20,9 +24,11 @@ import asyncio
 import email.utils
 import json
 import logging
+import socket
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,8 +55,16 @@ class FatalLLMError(RuntimeError):
     """The endpoint refuses every request (bad key, no access, unknown model): stop the run."""
 
 
+class EndpointUnavailable(FatalLLMError):
+    """The preflight check found the endpoint unreachable or refusing the key."""
+
+
 class UnparseableResponse(RuntimeError):
     """The HTTP exchange succeeded but the body is not a usable chat completion."""
+
+
+class CircuitOpen(RuntimeError):
+    """The circuit breaker is open: the request was not sent."""
 
 
 def endpoint_host(base_url: str | None) -> str | None:
@@ -105,6 +119,140 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
+def failure_cause(exc: BaseException) -> str | None:
+    """The breaker's category of a failed attempt: failures with the same category are "the same
+    cause". ``None`` for a 429: the server is pacing us, which the rate limits handle, not down."""
+    if isinstance(exc, openai.APIStatusError):
+        return None if exc.status_code == 429 else f"HTTP {exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection error"
+    if isinstance(exc, UnparseableResponse):
+        return "unparseable response"
+    return type(exc).__name__
+
+
+def breaker_verdict(recent: Sequence[str | None], window: int, share: float) -> tuple[str, int] | None:
+    """(cause, count) when the last ``window`` outcomes (``None`` = success) are all in and at
+    least ``share`` of them failed with one cause; otherwise ``None``. Waiting for a full window
+    keeps a few unlucky first attempts from stopping a run."""
+    if window <= 0 or len(recent) < window:
+        return None
+    last = list(recent)[-window:]
+    counts: dict[str, int] = {}
+    for cause in last:
+        if cause is not None:
+            counts[cause] = counts.get(cause, 0) + 1
+    if not counts:
+        return None
+    cause, n = max(counts.items(), key=lambda kv: kv[1])
+    return (cause, n) if n >= share * window else None
+
+
+class CircuitBreaker:
+    """Opens, for the rest of the run, when :func:`breaker_verdict` says most recent attempts
+    failed for one cause. It never closes again: a run is minutes long, and an endpoint that failed
+    twenty attempts in a row is better re-run later (every answer so far is cached) than probed."""
+
+    def __init__(self, window: int, share: float):
+        self.window, self.share = window, share
+        self._recent: deque[str | None] = deque(maxlen=max(window, 1))
+        self.reason: str | None = None
+        self._details: dict[str, str] = {}   # cause → the latest error of that cause, in words
+        self._opened = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self.reason is not None
+
+    def record(self, exc: BaseException | None) -> None:
+        if self.is_open or self.window <= 0:
+            return
+        cause = None if exc is None else failure_cause(exc)
+        if exc is not None and cause is None:
+            return  # rate limiting is neither a success nor an outage
+        self._recent.append(cause)
+        if exc is not None and cause is not None:
+            self._details[cause] = describe_error(exc)
+        verdict = breaker_verdict(self._recent, self.window, self.share)
+        if verdict is not None:
+            cause, count = verdict
+            self.reason = f"{self._details.get(cause, cause)} in {count} of the last {self.window} requests"
+            self._opened.set()
+            log.warning("LLM endpoint failing (%s): circuit breaker open, no further requests", self.reason)
+
+    async def sleep(self, seconds: float) -> None:
+        """A retry's backoff that ends early when the breaker opens (then the retry is refused)."""
+        try:
+            await asyncio.wait_for(self._opened.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+
+def connect_failure(exc: BaseException, timeout_s: float) -> str:
+    """Why a connection could not be made, in words: refused, unknown host, no answer."""
+    chain, seen = [], set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    text = " ".join(str(e) for e in chain).lower()
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "connection refused" in text:
+        return "connection refused"
+    if any(isinstance(e, socket.gaierror) for e in chain) or any(
+            s in text for s in ("name or service not known", "nodename nor servname", "name resolution",
+                                "no address associated")):
+        return "unknown host (DNS lookup failed)"
+    if any(isinstance(e, (httpx.ConnectTimeout, TimeoutError, socket.timeout)) for e in chain):
+        return f"no answer within {timeout_s:g} s"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def check_endpoint(base_url: str, api_key: str | None, model: str | None = None, *, timeout_s: float = 5.0,
+                   attempts: int = 2) -> None:
+    """Before a run: ``GET <base_url>/models`` with the key. A refused connection, an unknown host
+    or a connect timeout (after ``attempts`` tries) and HTTP 401/403 raise
+    :class:`EndpointUnavailable` naming the endpoint (never the key) and the cause. Anything else
+    lets the run start: some OpenAI-compatible servers have no ``/models`` (404), and a 5xx or a
+    slow answer here is for the run's own retries and circuit breaker to judge."""
+    host = endpoint_host(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    failure = "no attempt"
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(0.5, timeout_s))
+        try:
+            response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            failure = connect_failure(exc, timeout_s)
+            continue
+        except httpx.HTTPError as exc:
+            log.warning("endpoint check of %s inconclusive (%s); starting the run", host, type(exc).__name__)
+            return
+        if response.status_code in (401, 403):
+            raise EndpointUnavailable(
+                f"LLM endpoint {host} rejected the key (HTTP {response.status_code} on GET /models); "
+                "check GSP_LLM_API_KEY")
+        if response.status_code == 200 and model:
+            _warn_unknown_model(response, model, host)
+        return
+    raise EndpointUnavailable(f"cannot reach the LLM endpoint {host}: {failure} "
+                              f"({attempts} tries); check GSP_LLM_BASE_URL and that the server is running")
+
+
+def _warn_unknown_model(response: httpx.Response, model: str, host: str | None) -> None:
+    # Only a warning: proxies and gateways often list fewer models than they serve.
+    try:
+        ids = [m.get("id") for m in response.json().get("data", []) if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        return
+    if ids and model not in ids:
+        log.warning("model %r is not among the %d model(s) %s lists (%s)", model, len(ids), host,
+                    ", ".join(map(str, ids[:8])))
+
+
 @dataclass
 class StageUsage:
     """Counters for one stage (Tb, Ts, Tg, Tp)."""
@@ -112,7 +260,8 @@ class StageUsage:
     requests: int = 0          # HTTP calls made in this run (every attempt)
     cached: int = 0            # answers served from the cache
     retries: int = 0           # attempts after a retryable failure
-    repairs: int = 0           # re-asks after schema-invalid output
+    repairs: int = 0           # re-asks after schema-invalid output or a rejected text
+    rejected: int = 0          # answers whose texts failed the quality check
     prompt_tokens: int = 0     # tokens of the calls made in this run (what is billed now)
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -176,6 +325,7 @@ class LLMClient:
         self._slots = asyncio.Semaphore(concurrency or settings.concurrency)
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
+        self.breaker = CircuitBreaker(settings.breaker_window, settings.breaker_failure_share)
         self.usage: dict[str, StageUsage] = {}
 
     @staticmethod
@@ -233,6 +383,7 @@ class LLMClient:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(s.max_retries + 1),
             wait=self._wait,
+            sleep=self.breaker.sleep,
             retry=retry_if_exception(is_retryable),
             before_sleep=self._log_retry,
             reraise=True,
@@ -240,18 +391,31 @@ class LLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if self.breaker.is_open:
+                        raise CircuitOpen(self.breaker.reason)
                     if attempt.retry_state.attempt_number > 1:
                         usage.retries += 1
-                    response = await self._send(body, usage)
+                    response = await self._attempt(body, usage)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
             raise FatalLLMError(f"{endpoint_host(self.endpoint.base_url)} refused the request "
                                 f"({describe_error(exc)}); check GSP_LLM_API_KEY / GSP_LLM_MODEL") from exc
+        except CircuitOpen as exc:
+            raise LLMCallError(f"not sent, endpoint failing: {exc} (circuit breaker)") from exc
         except Exception as exc:  # every failure mode becomes one clear, recorded reason
             attempts = retrying.statistics.get("attempt_number", 1)
             raise LLMCallError(f"{describe_error(exc)} (after {attempts} attempt(s))") from exc
         if self.cache is not None:
             self.cache.put(key, response)
         return key, response
+
+    async def _attempt(self, body: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
+        try:
+            response = await self._send(body, usage)
+        except Exception as exc:
+            self.breaker.record(exc)
+            raise
+        self.breaker.record(None)
+        return response
 
     async def _send(self, body: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
         s = self.settings
@@ -272,6 +436,8 @@ class LLMClient:
             if self._tpm is not None:
                 estimate = len(json.dumps(body["messages"], ensure_ascii=False)) // 4 + body["max_tokens"]
                 await self._tpm.acquire(min(estimate, s.tokens_per_minute))
+            if self.breaker.is_open:  # it may have opened while this request waited for a slot
+                raise CircuitOpen(self.breaker.reason)
             usage.requests += 1
             replica = min(range(len(self._sdks)), key=self._in_flight.__getitem__)
             self._in_flight[replica] += 1
@@ -319,14 +485,19 @@ class LLMClient:
     # -- a structured exchange ---------------------------------------------------------------
 
     async def structured(self, messages: list[dict[str, str]], output: type[BaseModel], schema: dict[str, Any],
-                         name: str, stage: str) -> ChatResult:
-        """Ask for JSON of shape ``output``; re-ask with the validation error up to
-        ``repair_attempts`` times. Transport failures raise :class:`LLMCallError`."""
+                         name: str, stage: str,
+                         check: Callable[[BaseModel], str | None] | None = None) -> ChatResult:
+        """Ask for JSON of shape ``output``; re-ask up to ``repair_attempts`` times when the answer
+        is invalid or ``check(parsed)`` names a problem with its content, showing the model what
+        was wrong. Each re-ask carries the rejected answer and the complaint, so it has its own
+        cache key: a bad answer in the cache is re-asked, never replayed as final.
+        Transport failures raise :class:`LLMCallError`."""
         fmt = response_format(self.endpoint.structured_output, name, schema)
         convo = list(messages)
         prompt_tokens = completion_tokens = 0
-        key, response, error = "", None, "no attempt"
-        for attempt in range(self.settings.repair_attempts + 1):
+        key, response, error, rejected = "", None, "no attempt", False
+        answers = self.settings.repair_attempts + 1
+        for attempt in range(answers):
             if attempt:
                 self.stage(stage).repairs += 1
             body = self.request_body(convo, fmt)
@@ -336,15 +507,26 @@ class LLMClient:
             try:
                 parsed = validate_output(output, response.get("content"))
             except OutputInvalid as exc:
-                error = str(exc)
+                error, rejected = str(exc), False
                 if response.get("finish_reason") == "length":
                     error += f" (the answer was cut off at max_tokens={body['max_tokens']}; be shorter)"
-                convo = convo + [
-                    {"role": "assistant", "content": response.get("content") or ""},
-                    {"role": "user", "content": f"That answer is invalid: {error}. Reply again with only "
-                                                "one JSON object that matches the schema."},
-                ]
+                convo = convo + repair_messages(response.get("content"), f"That answer is invalid: {error}. Reply "
+                                                "again with only one JSON object that matches the schema.")
                 continue
-            return ChatResult(parsed, key, response.get("id"), prompt_tokens, completion_tokens)
+            problem = check(parsed) if check is not None else None
+            if problem is None:
+                return ChatResult(parsed, key, response.get("id"), prompt_tokens, completion_tokens)
+            self.stage(stage).rejected += 1
+            error, rejected = problem, True
+            convo = convo + repair_messages(response.get("content"), f"That answer is unusable: {problem}. Reply "
+                                            "again with only one JSON object that matches the schema, each text a "
+                                            "real description in words of how the sign is performed.")
+        error = (f"{error} (still after {answers} answer(s))" if rejected
+                 else f"invalid output after {answers} answer(s): {error}")
         return ChatResult(None, key, response.get("id") if response else None, prompt_tokens, completion_tokens,
-                          error=f"invalid output after {self.settings.repair_attempts + 1} answer(s): {error}")
+                          error=error)
+
+
+def repair_messages(answer: str | None, complaint: str) -> list[dict[str, str]]:
+    """The turns appended for a re-ask: the model's answer, then what was wrong with it."""
+    return [{"role": "assistant", "content": answer or ""}, {"role": "user", "content": complaint}]
