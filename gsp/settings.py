@@ -8,19 +8,22 @@ Precedence, highest first: explicit arguments, environment, the YAML config file
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as _SourceError
 
 #: The repository root (the package is installed editable from it).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,16 +31,45 @@ CONFIG_ENV = "GSP_CONFIG"
 DEFAULT_CONFIG_FILE = "gsp.yaml"
 
 
-class ConfigFileError(ValueError):
-    """The YAML config file is unreadable or malformed."""
+#: Accepted device names: what ``mc.train.resolve_device`` can use (also checked by ``gsp train --device``).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+class SettingsError(ValueError):
+    """A setting or the config file is wrong. The message is one line naming the environment
+    variable, config key or file, what was wrong and what is allowed; the CLI prints it as is."""
+
+
+class ConfigFileError(SettingsError):
+    """The YAML config file is missing, unreadable, malformed or has unknown sections/keys."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest valid name, or '' when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def config_file_path() -> Path | None:
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
-        return Path(explicit)
+        path = Path(explicit)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigFileError(f"{CONFIG_ENV}={explicit}: the config file {what}; "
+                                  f"point {CONFIG_ENV} at a YAML file or unset it")
+        return path
     local = Path.cwd() / DEFAULT_CONFIG_FILE
     return local if local.is_file() else None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _read_config_file() -> dict[str, Any]:
@@ -46,10 +78,18 @@ def _read_config_file() -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigFileError(f"config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"config file {path}: not valid YAML ({_yaml_problem(exc)}); "
+                              f"expected one mapping per section ({', '.join(SECTIONS)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"config file {path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
-        raise ConfigFileError(f"config file {path}: top level must be a mapping of sections")
+        raise ConfigFileError(f"config file {path}: top level must be a mapping of sections "
+                              f"({', '.join(SECTIONS)}), got {type(data).__name__}")
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigFileError(f"config file {path}: unknown section {unknown[0]!r}{did_you_mean(unknown[0], SECTIONS)}; "
+                              f"sections are {', '.join(SECTIONS)}")
     return data
 
 
@@ -60,7 +100,15 @@ class _YamlSectionSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         data = _read_config_file().get(section) or {}
         if not isinstance(data, dict):
-            raise ConfigFileError(f"config file section {section!r} must be a mapping")
+            raise ConfigFileError(f"config file {config_file_path()}: section {section!r} must be a mapping "
+                                  f"of setting: value, got {type(data).__name__}")
+        # A misspelt key would otherwise be dropped silently and its default used instead.
+        known = settings_cls.model_fields
+        unknown = [str(k) for k in data if k not in known]
+        if unknown:
+            raise ConfigFileError(
+                f"config file {config_file_path()}: unknown key {section}.{unknown[0]}"
+                f"{did_you_mean(unknown[0], known)}; valid keys of {section!r}: {', '.join(known)}")
         self._data = data
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
@@ -73,6 +121,20 @@ class _YamlSectionSource(PydanticBaseSettingsSource):
 class _Section(BaseSettings):
     section: ClassVar[str] = ""
 
+    def __init__(self, **values: Any):
+        # pydantic's report spans several lines per error and never names the environment
+        # variable; a user needs one line saying which setting, which value and what is allowed.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe_errors(type(self), exc, values)) from None
+        except _SourceError as exc:
+            raise SettingsError(f"{self.section} settings: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -83,6 +145,30 @@ class _Section(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSectionSource(settings_cls, cls.section))
+
+
+def _setting_origin(cls: type[_Section], field: str, explicit: dict[str, Any]) -> tuple[str, str]:
+    """Where a field's value came from, in the precedence order of ``settings_customise_sources``:
+    the name to show, and where that name lives ('' or ' in <config file>')."""
+    if field in explicit:
+        return f"{cls.section}.{field}", ""
+    env = cls.env_name(field)
+    if any(k.upper() == env for k in os.environ):
+        return env, ""
+    return f"{cls.section}.{field}", f" in {config_file_path()}"
+
+
+def _describe_errors(cls: type[_Section], exc: ValidationError, explicit: dict[str, Any]) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name, where = (_setting_origin(cls, field, explicit) if field in cls.model_fields
+                       else (f"{cls.section} settings", ""))
+        secret = "key" in field or "secret" in field  # never echo a key, even a malformed one
+        value = "" if secret or err["type"] == "missing" else f"={err.get('input')!r}"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}{value}{where}: {msg[:1].lower()}{msg[1:]}")
+    return "; ".join(parts)
 
 
 class PathSettings(_Section):
@@ -153,7 +239,26 @@ class LLMSettings(_Section):
     local_servers: int | None = Field(
         None, ge=1, description="Embedded llama.cpp servers run side by side, each answering one request "
         "at a time with its share of the cores (unset: one per core, at most 4).")
-    repair_attempts: int = Field(2, ge=0, description="Re-asks after schema-invalid output.")
+    repair_attempts: int = Field(2, ge=0, description="Re-asks after schema-invalid output or a text that "
+                                 "fails the quality check (gsp.quality).")
+    max_failed_share: float = Field(
+        0.5, ge=0, le=1, description="A description run whose share of failed rows exceeds this is marked "
+        "failed: status 'failed' in its manifest, LATEST left where it was, the Prefect flow run Failed.")
+    local_quality_fails_run: bool = Field(
+        False, description="Whether rows of the embedded model that the quality check rejected count toward "
+        "max_failed_share. Off by default: SmolLM2-135M's answers are mostly rejected (they copy passage "
+        "tags or echo the gloss), and the offline main job must still reach training; its other failures "
+        "(a crashed server) still fail the run.")
+    preflight_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of the endpoint check (GET <base_url>/models) before a run; a refused "
+        "connection, unknown host or rejected key (401/403) ends the run at once.")
+    preflight_attempts: int = Field(2, ge=1, description="Tries of the endpoint check before giving up.")
+    breaker_window: int = Field(
+        20, ge=0, description="Circuit breaker: the last N request attempts it looks at (0: no breaker).")
+    breaker_failure_share: float = Field(
+        0.8, gt=0, le=1, description="Circuit breaker: when this share of the last breaker_window attempts "
+        "failed with the same cause (connection refused, HTTP 401, HTTP 500 …; 429 does not count), no "
+        "further request is sent and the remaining rows fail at once with that cause.")
     synonyms: int = Field(3, ge=1, description="k: synonym variants per sign (P2).")
     retrieval_k: int = Field(4, ge=1)
     retrieval_min_dense: float = Field(
@@ -200,6 +305,28 @@ class MCSettings(_Section):
     )
     text_batch_size: int = Field(64, ge=1, description="Texts per encoder batch when building text features.")
     preset: str = Field("tiny", description="Default training recipe for `gsp run` (mc.presets: slr500, autsl, tiny).")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"unknown device; use {DEVICE_CHOICES}")
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from mc.presets import PRESETS  # light (pydantic only); the names live with the recipes
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown training preset{did_you_mean(value, PRESETS)}; choose one of {', '.join(PRESETS)}")
+        return value
+
+
+#: The config file's sections (top-level YAML keys) and their settings classes.
+SECTIONS: dict[str, type[_Section]] = {
+    cls.section: cls for cls in (PathSettings, KnowledgeBaseSettings, LLMSettings, MCSettings)
+}
 
 
 class Settings:

@@ -4,17 +4,85 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import typer
 
 model_app = typer.Typer(help="Inspect the skeleton model.", no_args_is_help=True)
 
+AMP_CHOICES = ("auto", "on", "off")
+
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
+    from gsp.settings import did_you_mean
+
+    allowed = list(allowed)
+    if value not in allowed:
+        _fail(f"{option} {value!r} is not valid{did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}")
+
+
+def _check_device(option: str, value: str) -> None:
+    from gsp.settings import DEVICE_CHOICES, DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.fullmatch(value):
+        _fail(f"{option} {value!r} is not a device; use {DEVICE_CHOICES}")
+
+
+def _check_names(preset: str | None = None, stream: str | None = None, layout: str | None = None,
+                 ablation: str | None = None) -> None:
+    """Refuse a misspelt name before anything loads (pydantic's report is a multi-line dump)."""
+    from mc.keypoints import PRESETS as LAYOUTS
+    from mc.presets import PRESETS
+    from mc.transforms import STREAMS
+
+    if preset is not None:
+        _check_choice("--preset", preset, PRESETS)
+    if stream is not None:
+        _check_choice("--stream", stream, STREAMS)
+    if layout is not None:
+        _check_choice("--layout", layout, sorted(LAYOUTS))
+    if ablation is not None:
+        from mc.loss import ABLATIONS
+
+        _check_choice("--ablation", ablation, ABLATIONS)
+
+
+def _validation_line(exc) -> str:
+    """A pydantic ValidationError of the CLI's options as one line naming each option."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        option = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+        parts.append(f"{option} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (rich's progress bar and test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # logging must never break training
+            self.handleError(record)
+
+
+def _log_mc_to_stderr() -> None:
+    """INFO and above from the ``mc`` package (description coverage, resume) on stderr."""
+    logger = logging.getLogger("mc")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -34,26 +102,33 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy files."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.json, export.pt)."),
-    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="Description run (or root with LATEST)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="slr500, autsl or tiny (default settings.mc.preset)."),
-    stream: str = typer.Option("joint", "--stream", help="joint, bone, joint_motion or bone_motion."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    frames: Optional[int] = typer.Option(None, "--frames", min=4),
-    base_channels: Optional[int] = typer.Option(None, "--base-channels", min=4),
-    no_contrastive: bool = typer.Option(False, "--no-contrastive", help="CE-only baseline."),
-    ablation: str = typer.Option("all", "--ablation", help="ce, synonyms, prompt, multipart, synonyms+prompt, all."),
-    alpha: float = typer.Option(0.5, "--alpha"),
-    tau: float = typer.Option(0.1, "--tau"),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Keypoint preset (default settings.mc)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 …"),
-    amp: str = typer.Option("auto", "--amp", help="auto (on for CUDA), on, off."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    descriptions: Optional[Path] = typer.Option(
+        None, "--descriptions", help="Description run (or root with LATEST). Without it: the CE-only baseline."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Training recipe: slr500, autsl or tiny.", show_default="GSP_MC_PRESET, else tiny"),
+    stream: str = typer.Option("joint", "--stream", help="Input stream: joint, bone, joint_motion or bone_motion."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs.", show_default="the preset's"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Batch size.", show_default="the preset's"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (SGD).", show_default="the preset's"),
+    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
+    base_channels: Optional[int] = typer.Option(
+        None, "--base-channels", min=4, help="CTR-GCN width of the first units.", show_default="the preset's"),
+    no_contrastive: bool = typer.Option(False, "--no-contrastive", help="CE-only baseline even with --descriptions."),
+    ablation: str = typer.Option(
+        "all", "--ablation", help="Text sets of the contrastive loss: ce, synonyms, prompt, multipart, "
+        "synonyms+prompt, all."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the contrastive loss (eq. 12)."),
+    tau: float = typer.Option(0.1, "--tau", help="Temperature of the contrastive loss (eqs. 7-8)."),
+    layout: Optional[str] = typer.Option(
+        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.", show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.", show_default="GSP_MC_SEED, else 0"),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:N or mps.", show_default="GSP_MC_DEVICE, else auto"),
+    amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto (on for CUDA), on, off."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.", show_default="torch's"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore an existing checkpoint in --out."),
-    no_progress: bool = typer.Option(False, "--no-progress"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and CI)."),
 ) -> None:
     """Train one stream; writes checkpoints, test scores and metrics.json into --out."""
     from pydantic import ValidationError
@@ -62,6 +137,11 @@ def train_cmd(
     from mc.train import TrainConfig, train
 
     s = get_settings().mc
+    _check_names(preset=preset, stream=stream, layout=layout, ablation=ablation)
+    _check_choice("--amp", amp, AMP_CHOICES)
+    if device is not None:
+        _check_device("--device", device)
+    _log_mc_to_stderr()
     try:
         cfg = TrainConfig(
             data=data, out=out, descriptions=descriptions, preset=preset or s.preset, stream=stream, epochs=epochs,
@@ -71,7 +151,7 @@ def train_cmd(
             num_workers=s.num_workers, skip_bad=skip_bad, resume=not no_resume, progress=not no_progress,
         )
     except ValidationError as exc:
-        _fail(str(exc))
+        _fail(_validation_line(exc))
     try:
         metrics = train(cfg)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -82,16 +162,17 @@ def train_cmd(
 
 def eval_cmd(
     run: Path = typer.Argument(..., help="A training run folder (with checkpoints/last.pt)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Default: the data the run was trained on."),
-    split: str = typer.Option("test", "--split"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Default: RUN/eval-SPLIT."),
-    device: str = typer.Option("auto", "--device"),
-    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data to evaluate on.", show_default="the data the run was trained on"),
+    split: str = typer.Option("test", "--split", help="Which split of the data to evaluate on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where scores, confusion and metrics go.", show_default="RUN/eval-SPLIT"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Evaluate a run's last checkpoint: top-1/top-5, per-class accuracy, confusion matrix."""
     from mc.evaluate import evaluate_checkpoint
 
+    _check_device("--device", device)
     try:
         metrics = evaluate_checkpoint(run, data=data, split=split, out=out, device=device, skip_bad=skip_bad)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -104,9 +185,11 @@ def eval_cmd(
 
 def ensemble_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders or test_scores.npz files, one per stream."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, e.g. 1,1,0.5,0.5."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write fused scores, confusion and metrics here."),
-    as_json: bool = typer.Option(False, "--json"),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="One weight per run, comma-separated, e.g. 1,1,0.5,0.5.", show_default="all 1"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write fused scores, confusion and metrics here.", show_default="print only"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Fuse several streams' saved test scores with configurable weights."""
     from mc.evaluate import ensemble
@@ -128,8 +211,8 @@ def ensemble_cmd(
 def predict_cmd(
     model: Path = typer.Argument(..., help="export.pt (or a run folder holding one)."),
     keypoints: Path = typer.Argument(..., help="A (T, 133, 3) .npy keypoint file."),
-    topk: int = typer.Option(5, "--topk", min=1),
-    as_json: bool = typer.Option(False, "--json"),
+    topk: int = typer.Option(5, "--topk", min=1, help="How many classes to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON."),
 ) -> None:
     """Classify one keypoint file with an exported model."""
     from mc.evaluate import predict_file
@@ -148,11 +231,11 @@ def predict_cmd(
 
 def synth_cmd(
     out: Path = typer.Option(..., "--out", help="The pyskl pickle to write."),
-    samples_per_class: int = typer.Option(30, "--samples-per-class", min=1),
-    frames: int = typer.Option(48, "--frames", min=4),
-    signers: int = typer.Option(8, "--signers", min=2),
-    test_signers: int = typer.Option(2, "--test-signers", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    samples_per_class: int = typer.Option(30, "--samples-per-class", min=1, help="Clips per sign."),
+    frames: int = typer.Option(48, "--frames", min=4, help="Frames per clip."),
+    signers: int = typer.Option(8, "--signers", min=2, help="Synthetic signers (body shapes and styles)."),
+    test_signers: int = typer.Option(2, "--test-signers", min=1, help="Signers held out as the test split."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """Write a synthetic whole-body skeleton data set for the demo signs (pyskl format)."""
     from mc.synthetic import write_synthetic_dataset
@@ -166,19 +249,22 @@ def synth_cmd(
 
 
 def model_summary(
-    num_classes: int = typer.Option(500, "--num-classes", min=1),
-    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="Default: the preset's."),
-    preset: str = typer.Option("slr500", "--preset"),
-    base_channels: Optional[int] = typer.Option(None, "--base-channels", min=4),
+    num_classes: int = typer.Option(500, "--num-classes", min=1, help="Classifier outputs."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
+    preset: str = typer.Option("slr500", "--preset", help="Recipe whose width and frames to use: slr500, autsl or tiny."),
+    base_channels: Optional[int] = typer.Option(
+        None, "--base-channels", min=4, help="CTR-GCN width of the first units.", show_default="the preset's"),
     text_dim: int = typer.Option(384, "--text-dim", min=1, help="Text-feature dimension (384 MiniLM, 512 CLIP)."),
-    layout: Optional[str] = typer.Option(None, "--layout"),
-    as_json: bool = typer.Option(False, "--json"),
+    layout: Optional[str] = typer.Option(
+        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.", show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Parameters per component and inference FLOPs per sample."""
     from mc.keypoints import get_layout
     from mc.model import GSPMCModel, flops_per_sample, model_config_for, parameter_counts
     from mc.presets import get_preset
 
+    _check_names(preset=preset, layout=layout)
     try:
         p = get_preset(preset)
         lay = get_layout(layout)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from gsp.atomic import atomic_path, write_json_atomic, write_text_atomic
+from gsp.atomic import atomic_path, claim_folder, write_json_atomic, write_text_atomic
 from mc.model import GSPMCModel, ModelConfig, SkeletonClassifier
 
 EXPORT_FORMAT = "gsp-mc-export/1"
@@ -96,6 +96,15 @@ def predict_scores(model: torch.nn.Module, dataset, batch_size: int = 64, device
 def _amp_dtype(device: torch.device) -> torch.dtype:
     # float16 + GradScaler on CUDA; bfloat16 on CPU (no scaler needed, and CPU autocast supports it).
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+EVAL_MARKER = ".gsp-eval"
+
+
+def claim_eval_folder(out_dir: Path | str) -> Path:
+    """An evaluation or ensemble output folder: new, empty, or one we wrote before (its scores
+    file), never a user's folder whose same-named files would be replaced."""
+    return claim_folder(out_dir, EVAL_MARKER, "a gsp evaluation folder", lambda p: (p / SCORES_FILE).is_file())
 
 
 def save_scores(out_dir: Path, scores: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str]) -> Path:
@@ -175,7 +184,7 @@ def ensemble(score_sources: Sequence[Path], weights: Sequence[float] | None = No
     metrics["sources"] = [str(s) for s in score_sources]
     metrics["weights"] = weights
     if out_dir is not None:
-        out_dir = Path(out_dir)
+        out_dir = claim_eval_folder(out_dir)
         save_scores(out_dir, total.astype(np.float32), base_labels, base_ids)
         save_confusion(out_dir, metrics.pop("confusion"))
         write_json_atomic(out_dir / "metrics.json", metrics)
@@ -187,19 +196,61 @@ def ensemble(score_sources: Sequence[Path], weights: Sequence[float] | None = No
 # --------------------------------------------------------------------------- export / predict
 
 
+#: Keys every training checkpoint has (``mc.train._save_checkpoint``).
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "history", "seconds", "model_config")
+EXPORT_KEYS = ("format", "model_config", "state_dict")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The head of an exception's message: torch's run to several sentences and lines."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.split(". ")[0].rstrip(".")[:200]
+
+
+def _torch_load(path: Path, what: str) -> dict:
+    """``torch.load`` (weights only) of a file that must hold a dict; any failure is one line
+    naming the file. torch reports a truncated or foreign file as anything from an OSError
+    ("Invalid argument") to a zip, pickle or index error, none of them naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EvaluationError(f"{path}: not a readable {what} (damaged, truncated or not a torch file: "
+                              f"{_first_sentence(exc)})") from None
+    if not isinstance(payload, dict):
+        raise EvaluationError(f"{path}: not a {what} (it holds a {type(payload).__name__}, not the expected dict)")
+    return payload
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
-        raise EvaluationError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise EvaluationError(f"{path}: checkpoint not found (a training run folder holds checkpoints/last.pt)")
+    ckpt = _torch_load(path, "gsp-mc training checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise EvaluationError(f"{path}: not a gsp-mc training checkpoint (no {', '.join(missing)})")
+    return ckpt
 
 
-def model_from_checkpoint(ckpt: Mapping) -> GSPMCModel:
-    model = GSPMCModel(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+def _build(model_cls, config: Mapping, state: Mapping, path: Path | str, what: str):
+    """A model from a stored config and weights; a mismatch is one line naming the file."""
+    try:
+        model = model_cls(ModelConfig.from_dict(config))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EvaluationError(f"{path}: not a usable {what} (its model_config is incomplete or invalid: "
+                              f"{type(exc).__name__} {_first_sentence(exc)})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        # torch lists every mismatched tensor over many lines; which ones helps nobody here
+        raise EvaluationError(f"{path}: not a usable {what} (its weights do not fit its model_config)") from None
     return model.eval()
+
+
+def model_from_checkpoint(ckpt: Mapping, path: Path | str = "checkpoint") -> GSPMCModel:
+    return _build(GSPMCModel, ckpt["model_config"], ckpt["model"], path, "gsp-mc training checkpoint")
 
 
 def export_inference(checkpoint: Path | Mapping, out_path: Path) -> Path:
@@ -216,6 +267,8 @@ def export_inference(checkpoint: Path | Mapping, out_path: Path) -> Path:
         "layout": meta.get("layout", "gsp87"),
         "labels": list(meta.get("labels", [])),
     }
+    if meta.get("trained_labels") is not None:
+        payload["trained_labels"] = [int(c) for c in meta["trained_labels"]]
     with atomic_path(out_path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
     return Path(out_path)
@@ -227,12 +280,25 @@ def load_inference(path: Path) -> tuple[SkeletonClassifier, dict]:
         path = path / EXPORT_FILE
     if not path.is_file():
         raise EvaluationError(f"{path}: exported model not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _torch_load(path, "gsp-mc export")
     if payload.get("format") != EXPORT_FORMAT:
-        raise EvaluationError(f"{path}: not a gsp-mc export (format {payload.get('format')!r})")
-    model = SkeletonClassifier(ModelConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
+        raise EvaluationError(f"{path}: not a gsp-mc export (format {payload.get('format')!r}, "
+                              f"expected {EXPORT_FORMAT!r}; `gsp train` writes one as RUN/{EXPORT_FILE})")
+    missing = [k for k in EXPORT_KEYS if k not in payload]
+    if missing:
+        raise EvaluationError(f"{path}: not a complete gsp-mc export (no {', '.join(missing)})")
+    return _build(SkeletonClassifier, payload["model_config"], payload["state_dict"], path, "gsp-mc export"), payload
+
+
+def rankable_classes(payload: Mapping, num_outputs: int) -> list[int] | None:
+    """The class ids a prediction may name: those that had training samples (recorded at
+    training since exports carry ``trained_labels``); None for older exports (rank them all).
+    A classifier sized by the highest label id has outputs no sample ever trained."""
+    trained = payload.get("trained_labels")
+    if not trained:
+        return None
+    kept = sorted({int(c) for c in trained if 0 <= int(c) < num_outputs})
+    return kept or None
 
 
 def read_keypoint_file(path: Path) -> np.ndarray:
@@ -257,19 +323,43 @@ def predict_file(export: Path, keypoint_file: Path, topk: int = 5) -> list[dict]
     from mc.keypoints import get_layout
     from mc.transforms import prepare
 
+    from mc.keypoints import LayoutError
+
     model, payload = load_inference(export)
     clip = read_keypoint_file(keypoint_file)
-    layout = get_layout(payload["layout"])
+    try:
+        layout = get_layout(payload.get("layout", "gsp87"))
+    except LayoutError as exc:
+        raise EvaluationError(f"{export}: not a usable gsp-mc export ({exc})") from None
     x = prepare(clip, layout, payload["stream"], payload["frames"], train=False)
     tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None, ..., None]))
-    prob = torch.softmax(model(tensor).float(), dim=1)[0]
-    k = min(topk, prob.numel())
-    values, idx = prob.topk(k)
+    logits = model(tensor).float()[0]
+    classes = rankable_classes(payload, logits.numel()) or list(range(logits.numel()))
+    prob = torch.softmax(logits[classes], dim=0)  # a distribution over the rankable classes only
+    values, idx = prob.topk(min(topk, len(classes)))
     names = payload.get("labels") or []
+    labels = [classes[i] for i in idx.tolist()]
     return [
-        {"label": int(i), "name": names[int(i)] if int(i) < len(names) else None, "probability": float(v)}
-        for v, i in zip(values.tolist(), idx.tolist())
+        {"label": c, "name": names[c] if c < len(names) else None, "probability": float(v)}
+        for v, c in zip(values.tolist(), labels)
     ]
+
+
+def recorded_data_path(run_dir: Path, recorded: str) -> Path:
+    """The data a run was trained on. Runs record it absolute; an older run recorded it as given,
+    relative to the folder `gsp train` ran in, which was usually an ancestor of the run folder
+    (``--out runs/x``): so try the current folder, then the run folder and its ancestors."""
+    path = Path(recorded)
+    if path.exists():
+        return path
+    if path.is_absolute():
+        raise EvaluationError(f"{run_dir}: the run was trained on {path}, which no longer exists; "
+                              "give the data with --data PATH")
+    for base in (Path(run_dir).resolve(), *Path(run_dir).resolve().parents):
+        if (base / path).exists():
+            return base / path
+    raise EvaluationError(f"{run_dir}: the run was trained on {recorded!r}, a relative path found neither here "
+                          "nor beside the run; give the data with --data PATH")
 
 
 def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "test", out: Path | None = None,
@@ -285,18 +375,23 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir)
     meta = ckpt.get("meta", {})
-    train_cfg = json.loads(ckpt.get("train_config", "{}"))
-    data = Path(data) if data is not None else Path(train_cfg.get("data", ""))
-    if not str(data):
-        raise EvaluationError(f"{run_dir}: no --data given and the checkpoint does not record one")
-    model = model_from_checkpoint(ckpt)
+    if data is None:
+        try:
+            recorded = json.loads(ckpt.get("train_config", "{}")).get("data")
+        except (ValueError, AttributeError):
+            recorded = None
+        if not recorded:
+            raise EvaluationError(f"{run_dir}: no --data given and the checkpoint does not record one")
+        data = recorded_data_path(run_dir, recorded)
+    data = Path(data)
+    model = model_from_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
     num_classes = model.cfg.num_classes
     samples = load_samples(data, split=split, skip_bad=skip_bad, num_classes=num_classes)
     ds = SkeletonDataset(samples, get_layout(meta.get("layout")), stream=meta.get("stream", "joint"),
                          frames=int(meta.get("frames", 64)), train=False, num_classes=num_classes)
     dev = resolve_device(device)
     scores, labels = predict_scores(model.to(dev), ds, batch_size=batch_size, device=dev)
-    out = Path(out) if out is not None else run_dir / f"eval-{split}"
+    out = claim_eval_folder(Path(out) if out is not None else run_dir / f"eval-{split}")
     metrics = write_eval_outputs(out, scores, labels, ds.sample_ids, num_classes)
     metrics.update({"checkpoint_epoch": int(ckpt["epoch"]), "data": str(data), "split": split,
                     "stream": meta.get("stream"), "skipped": [list(s) for s in samples.skipped]})

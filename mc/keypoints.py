@@ -282,12 +282,17 @@ DEFAULT_PRESET = "gsp87"
 
 def get_layout(name: str | None = None) -> Layout:
     """The layout of a preset; ``None`` reads ``settings.mc.keypoint_preset``."""
+    source = "keypoint preset"
     if name is None:
-        from gsp.settings import get_settings
+        from gsp.settings import MCSettings, get_settings
 
         name = get_settings().mc.keypoint_preset
+        source = f"{MCSettings.env_name('keypoint_preset')} (mc.keypoint_preset)"
     if name not in PRESETS:
-        raise LayoutError(f"unknown keypoint preset {name!r}; choose one of {sorted(PRESETS)}")
+        from gsp.settings import did_you_mean
+
+        raise LayoutError(f"unknown {source} {name!r}{did_you_mean(name, PRESETS)}; "
+                          f"choose one of {', '.join(sorted(PRESETS))}")
     return _preset_layout(name)
 
 

@@ -50,7 +50,10 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        from gsp.settings import did_you_mean
+
+        raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; "
+                         f"choose one of {', '.join(PRESETS)}") from None
 
 
 def learning_rate(epoch: int, base_lr: float, warmup_epochs: int, milestones: tuple[int, ...] | list[int],

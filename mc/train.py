@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 
-from gsp.atomic import atomic_path, write_json_atomic
-from mc.evaluate import EXPORT_FILE, export_inference, predict_scores, write_eval_outputs
+from gsp.atomic import atomic_path, claim_folder, write_json_atomic
+from mc.evaluate import EXPORT_FILE, EvaluationError, export_inference, load_checkpoint, predict_scores, write_eval_outputs
 from mc.loss import ABLATIONS, composite_loss, hierarchical_contrastive_loss
 from mc.model import GSPMCModel, ModelConfig, model_config_for, parameter_counts
 from mc.presets import get_preset, learning_rate
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 METRICS_FILE = "metrics.json"
+RUN_MARKER = ".gsp-run"
 
 
 class TrainConfig(BaseModel):
@@ -158,15 +159,19 @@ def _label_names(descriptions: Path | None, num_classes: int) -> list[str]:
 
 def train(config: TrainConfig | dict) -> dict:
     """Train one stream; return (and write to ``<out>/metrics.json``) its test metrics."""
-    from mc.data import SkeletonDataset, load_samples
+    from mc.data import SkeletonDataset, load_splits
     from mc.keypoints import get_layout
     from mc.transforms import TransformConfig
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
+    # Recorded absolute so `gsp eval RUN` finds the data from any folder.
+    cfg = cfg.model_copy(update={"data": Path(cfg.data).resolve()})
     recipe = cfg.recipe()
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
-    out.mkdir(parents=True, exist_ok=True)
+    # Train only into a new or empty folder or one of our runs (marker, or a checkpoint from before
+    # the marker): never write over a user's folder.
+    claim_folder(out, RUN_MARKER, "a gsp training run", lambda p: (p / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -175,8 +180,8 @@ def train(config: TrainConfig | dict) -> dict:
     seed_everything(cfg.seed)
 
     layout = get_layout(cfg.layout)
-    train_samples = load_samples(cfg.data, split=cfg.train_split, skip_bad=cfg.skip_bad)
-    test_samples = load_samples(cfg.data, split=cfg.test_split, skip_bad=cfg.skip_bad)
+    splits = load_splits(cfg.data, (cfg.train_split, cfg.test_split), skip_bad=cfg.skip_bad)
+    train_samples, test_samples = splits[cfg.train_split], splits[cfg.test_split]
     num_classes = int(max(max(s.label for s in train_samples), max(s.label for s in test_samples))) + 1
     train_ds = SkeletonDataset(train_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=True,
                                seed=cfg.seed, num_classes=num_classes,
@@ -188,7 +193,8 @@ def train(config: TrainConfig | dict) -> dict:
     if cfg.uses_contrastive:
         from mc.text_features import build_text_bank
 
-        bank = build_text_bank(cfg.descriptions, num_classes=num_classes, progress=cfg.progress).to(device)
+        bank = build_text_bank(cfg.descriptions, num_classes=num_classes, progress=cfg.progress,
+                               classes=sorted({s.label for s in train_samples})).to(device)
     switches = ABLATIONS[cfg.ablation]
 
     model_cfg = model_config_for(layout, num_classes, base_channels=recipe["base_channels"],
@@ -198,11 +204,16 @@ def train(config: TrainConfig | dict) -> dict:
                                 weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
     meta = {"stream": cfg.stream, "frames": recipe["frames"], "layout": layout.name,
-            "labels": _label_names(cfg.descriptions, num_classes)}
+            "labels": _label_names(cfg.descriptions, num_classes),
+            # the classifier has max(label)+1 outputs; `gsp predict` ranks only classes that trained
+            "trained_labels": sorted({int(s.label) for s in train_samples})}
 
     start_epoch, history, seconds = 0, [], 0.0
     if cfg.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except EvaluationError as exc:
+            raise EvaluationError(f"{exc}; cannot resume from it: use --no-resume or another --out") from None
         if ckpt.get("model_config") != model_cfg.to_dict():
             raise RuntimeError(f"{ckpt_path}: checkpoint was made for a different model/data; "
                                "use another --out or delete it")

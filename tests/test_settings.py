@@ -2,7 +2,7 @@
 
 import pytest
 
-from gsp.settings import ConfigFileError, Settings
+from gsp.settings import ConfigFileError, Settings, SettingsError
 
 
 def test_defaults_env_and_config_file_precedence(tmp_path, monkeypatch):
@@ -29,13 +29,46 @@ def test_paths_derive_from_the_artifacts_root(tmp_path, monkeypatch):
 
 def test_bad_values_and_files_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("GSP_KB_CHUNK_SIZE", "tiny")
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(SettingsError, match="^GSP_KB_CHUNK_SIZE='tiny': input should be a valid integer"):
         Settings()
     monkeypatch.delenv("GSP_KB_CHUNK_SIZE")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n", encoding="utf-8")
     monkeypatch.setenv("GSP_CONFIG", str(bad))
-    with pytest.raises(ConfigFileError, match="bad.yaml"):
+    with pytest.raises(ConfigFileError, match="bad.yaml.*top level must be a mapping"):
+        Settings()
+
+
+def test_errors_name_where_the_value_came_from(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("llm:\n  temperature: 9\n", encoding="utf-8")
+    monkeypatch.setenv("GSP_CONFIG", str(config))
+    monkeypatch.delenv("GSP_LLM_TEMPERATURE", raising=False)
+    with pytest.raises(SettingsError) as err:
+        Settings()
+    assert str(err.value) == f"llm.temperature=9 in {config}: input should be less than or equal to 2"
+    monkeypatch.delenv("GSP_CONFIG")
+    with pytest.raises(SettingsError, match="^kb.chunk_overlap=-1: input should be greater"):
+        Settings(kb={"chunk_overlap": -1})  # an explicit argument names the section key
+    monkeypatch.setenv("GSP_MC_DEVICE", "cuda:x")
+    with pytest.raises(SettingsError, match="^GSP_MC_DEVICE='cuda:x': unknown device; use auto, cpu, cuda"):
+        Settings()
+
+
+def test_unknown_sections_and_keys_are_refused_with_a_suggestion(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    monkeypatch.setenv("GSP_CONFIG", str(config))
+    config.write_text("llm:\n  modle: x\n", encoding="utf-8")
+    with pytest.raises(ConfigFileError, match=r"unknown key llm.modle \(did you mean 'model'\?\)"):
+        Settings()
+    config.write_text("mcc:\n  seed: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigFileError, match=r"unknown section 'mcc' \(did you mean 'mc'\?\); sections are paths, kb, llm, mc"):
+        Settings()
+    config.write_text("kb:\n  chunk_size: 600\n  whatever: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigFileError, match="unknown key kb.whatever; valid keys of 'kb': embedding_model"):
+        Settings()
+    monkeypatch.setenv("GSP_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigFileError, match="GSP_CONFIG=.*missing.yaml: the config file does not exist"):
         Settings()
 
 
