@@ -28,7 +28,7 @@ CALLS_PER_SIGN = 4  # P1, P2, P3, P4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=Path, default=ROOT.parent / "shared" / "vocab" / "autsl.csv")
+    parser.add_argument("--vocab", type=Path, default=ROOT / "data" / "vocab" / "autsl.csv")
     parser.add_argument("--signs", type=int, default=226)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--latency", type=float, default=0.2)

@@ -7,8 +7,15 @@ Accepted as they are:
 - ``ClassId,EN`` (English only, lang ``en``);
 - ``ClassId,gloss[,lang][,EN]``: an explicit gloss column with an optional language column.
 
-The id column may be called ``ClassId``, ``class_id``, ``label`` or ``id``. Any other two- or
-three-letter column is taken as a language code. The *native* gloss (the dataset's own word) is
+The id column may be called ``ClassId``, ``class_id``, ``label`` or ``id``. A language column is
+named by its ISO 639-1 code (any case), and only the codes in :data:`LANGUAGE_NAMES` are known:
+the languages of the benchmark datasets (AUTSL ``tr``, SLR500 ``zh``, WLASL/MS-ASL ``en``) and of
+other public sign-language word lists (DGS ``de``, LSF ``fr``, LSA64 ``es``, Libras ``pt``, LIS
+``it``, NGT ``nl``, PJM ``pl``, GSL ``el``, RSL ``ru``, ArSL ``ar``, JSL ``ja``, KSL ``ko``, ISL
+``hi``). Any other column name (``Foo``, ``Notes``, a misspelt ``ClasID``) is refused naming the
+column and the accepted names, rather than being guessed at: a guessed language would be written
+into every prompt and artifact. No language-code library is a dependency of the project, hence the
+explicit table; a new language is one line in it. The *native* gloss (the dataset's own word) is
 what the artifacts record as ``gloss``; the English translation travels with it to the prompts
 and to retrieval (the demo dictionary's headwords are English; a Chinese dictionary's are Chinese,
 so retrieval searches both forms).
@@ -23,8 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ID_COLUMNS = ("classid", "class_id", "label", "id")
+#: Known language codes (ISO 639-1) and the names the prompts use; see the module docstring.
 LANGUAGE_NAMES = {"en": "English", "tr": "Turkish", "zh": "Chinese", "de": "German", "fr": "French",
-                  "es": "Spanish", "ar": "Arabic", "ru": "Russian", "ja": "Japanese", "ko": "Korean"}
+                  "es": "Spanish", "pt": "Portuguese", "it": "Italian", "nl": "Dutch", "pl": "Polish",
+                  "el": "Greek", "ar": "Arabic", "ru": "Russian", "ja": "Japanese", "ko": "Korean",
+                  "hi": "Hindi"}
+GLOSS_COLUMNS = ("gloss", "lang")
+#: ``lang`` value for a non-English gloss whose language the file does not say.
+UNKNOWN_LANG = "und"
 
 
 class VocabError(ValueError):
@@ -98,6 +111,50 @@ def _decode(path: Path, data: bytes) -> str:
         ) from exc
 
 
+def accepted_columns() -> str:
+    """The accepted header names, as error messages list them."""
+    return (f"an id column ({', '.join(('ClassId',) + ID_COLUMNS[1:])}), {', '.join(GLOSS_COLUMNS)}, "
+            f"or a language code ({', '.join(c.upper() for c in LANGUAGE_NAMES)})")
+
+
+def _check_column_names(path: Path, header: list[str]) -> None:
+    """Refuse unknown and repeated column names. Unnamed columns (a trailing comma) carry nothing
+    and are ignored."""
+    known = set(ID_COLUMNS) | set(GLOSS_COLUMNS) | set(LANGUAGE_NAMES)
+    unknown = [h for h in header if h and h.lower() not in known]
+    if unknown:
+        names = ", ".join(repr(h) for h in unknown)
+        raise VocabError(f"{path}: unknown column{'s' if len(unknown) > 1 else ''} {names} in the header; "
+                         f"accepted: {accepted_columns()}")
+    lower = [h.lower() for h in header if h]
+    repeated = sorted({h for h in lower if lower.count(h) > 1})
+    if repeated:
+        raise VocabError(f"{path}: column {repeated[0]!r} appears more than once in the header {header}")
+
+
+def _columns(path: Path, header: list[str]) -> tuple[int, int | None, int | None, int | None, list[int]]:
+    """Positions of the id, gloss, lang and EN columns and of the native-language columns."""
+    _check_column_names(path, header)
+    lower = [h.lower() for h in header]
+    id_col = next((lower.index(c) for c in ID_COLUMNS if c in lower), None)
+    if id_col is None:
+        raise VocabError(f"{path}: missing id column (one of ClassId, class_id, label, id); header is {header}")
+    gloss_col = lower.index("gloss") if "gloss" in lower else None
+    lang_col = lower.index("lang") if "lang" in lower else None
+    en_col = lower.index("en") if "en" in lower else None
+    native_cols = [i for i, h in enumerate(lower) if i not in (id_col, en_col) and h in LANGUAGE_NAMES]
+    if lang_col is not None and gloss_col is None:
+        raise VocabError(f"{path}: a 'lang' column says the language of a 'gloss' column, and there is none; "
+                         f"header is {header}")
+    if gloss_col is None and not native_cols and en_col is None:
+        raise VocabError(f"{path}: missing gloss column (a language column such as TR, ZH, EN, or 'gloss'); "
+                         f"header is {header}")
+    if gloss_col is None and len(native_cols) > 1:
+        raise VocabError(f"{path}: several native gloss columns {[header[i] for i in native_cols]}; "
+                         "keep one (plus EN) or add a 'gloss' column")
+    return id_col, gloss_col, lang_col, en_col, native_cols
+
+
 def load_vocabulary(path: Path | str) -> Vocabulary:
     """Read and check a vocabulary CSV. Every problem found is reported at once."""
     path = Path(path)
@@ -112,21 +169,7 @@ def load_vocabulary(path: Path | str) -> Vocabulary:
     except StopIteration:
         raise VocabError(f"{path}: empty file (expected a header such as ClassId,TR,EN)") from None
     lower = [h.lower() for h in header]
-    id_col = next((lower.index(c) for c in ID_COLUMNS if c in lower), None)
-    if id_col is None:
-        raise VocabError(f"{path}: missing id column (one of ClassId, class_id, label, id); header is {header}")
-
-    gloss_col = lower.index("gloss") if "gloss" in lower else None
-    lang_col = lower.index("lang") if "lang" in lower else None
-    en_col = lower.index("en") if "en" in lower else None
-    native_cols = [i for i, h in enumerate(lower)
-                   if i not in (id_col, gloss_col, lang_col, en_col) and h.isalpha() and 2 <= len(h) <= 3]
-    if gloss_col is None and not native_cols and en_col is None:
-        raise VocabError(f"{path}: missing gloss column (a language column such as TR, ZH, EN, or 'gloss'); "
-                         f"header is {header}")
-    if gloss_col is None and len(native_cols) > 1:
-        raise VocabError(f"{path}: several native gloss columns {[header[i] for i in native_cols]}; "
-                         "keep one (plus EN) or add a 'gloss' column")
+    id_col, gloss_col, lang_col, en_col, native_cols = _columns(path, header)
 
     entries: list[VocabEntry] = []
     errors: list[str] = []
@@ -149,7 +192,12 @@ def load_vocabulary(path: Path | str) -> Vocabulary:
         english = row[en_col].strip() if en_col is not None else ""
         if gloss_col is not None:
             gloss, field = row[gloss_col].strip(), header[gloss_col]
-            lang = (row[lang_col].strip().lower() if lang_col is not None else "") or ("en" if not english else "und")
+            given = row[lang_col].strip().lower() if lang_col is not None else ""
+            lang = given or ("en" if not english else UNKNOWN_LANG)
+            if lang not in LANGUAGE_NAMES and lang != UNKNOWN_LANG:
+                errors.append(f"row {lineno}: {header[lang_col]} {lang!r} is not a known language code "
+                              f"(one of {', '.join(LANGUAGE_NAMES)}, or empty)")
+                continue
         elif native_cols:
             gloss, field = row[native_cols[0]].strip(), header[native_cols[0]]
             lang = lower[native_cols[0]]

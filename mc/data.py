@@ -13,9 +13,12 @@ Formats (both COCO-WholeBody, 133 points, channels x, y, score):
     holding ``<split>_labels.csv``, ``<split>.csv`` or ``labels.csv``. Arrays are opened with
     ``mmap_mode="r"`` and ``allow_pickle=False`` and read one item at a time.
 
-Bad input (missing files, wrong shapes, empty clips, NaN/inf, labels out of range) raises
-:class:`SampleError` naming the sample; with ``skip_bad=True`` the sample is logged, skipped and
-listed in ``samples.skipped``.
+Every sample is checked when the data is loaded, before any training: a NaN in the last clip of
+an epoch would otherwise surface hours in. The .npy files are streamed through their memory map
+for that scan (:data:`SCAN_FRAMES` frames at a time), so loading stays within a small, fixed
+amount of memory. Bad input (missing files, wrong shapes, empty clips, NaN/inf, labels out of
+range) raises one :class:`SampleError` naming every bad sample and why; with ``skip_bad=True``
+they are logged, skipped and listed in ``samples.skipped``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -80,8 +85,32 @@ class Samples(list):
         self.skipped: list[tuple[str, str]] = skipped or []
 
 
+#: Frames per block of the value scan: bounds the scan's temporary memory whatever the clip length.
+SCAN_FRAMES = 1024
+
+
+def first_non_finite(arr: np.ndarray, block: int = SCAN_FRAMES) -> tuple[int, int, int] | None:
+    """(frame, point, channel) of the first NaN/inf value, or None; reads ``block`` frames at a
+    time, so a memory-mapped file is streamed rather than copied."""
+    if np.issubdtype(arr.dtype, np.integer):
+        return None
+    for start in range(0, arr.shape[0], block):
+        chunk = np.asarray(arr[start : start + block])
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            f, v, c = np.argwhere(~finite)[0]
+            return start + int(f), int(v), int(c)
+    return None
+
+
 def check_keypoints(arr: Any, sample_id: str, source: str, check_values: bool = True) -> np.ndarray:
     """Validate one clip's (T, 133, 3) array; return it as float32 (a copy only when needed)."""
+    arr = scan_keypoints(arr, sample_id, source, check_values)
+    return np.asarray(arr, dtype=np.float32) if check_values else arr
+
+
+def scan_keypoints(arr: Any, sample_id: str, source: str, check_values: bool = True) -> np.ndarray:
+    """:func:`check_keypoints` without the float32 conversion: shape, dtype and (streamed) values."""
     where = f"sample {sample_id!r} ({source})"
     if not isinstance(arr, np.ndarray):
         raise SampleError(f"{where}: keypoints are {type(arr).__name__}, not a numpy array")
@@ -92,9 +121,8 @@ def check_keypoints(arr: Any, sample_id: str, source: str, check_values: bool = 
     if not np.issubdtype(arr.dtype, np.number):
         raise SampleError(f"{where}: keypoints have dtype {arr.dtype}, expected numbers")
     if check_values:
-        arr = np.asarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            bad = np.argwhere(~np.isfinite(arr))[0]
+        bad = first_non_finite(arr)
+        if bad is not None:
             raise SampleError(f"{where}: non-finite value at frame {bad[0]}, point {bad[1]}, channel {bad[2]}")
     return arr
 
@@ -204,7 +232,8 @@ def _pyskl_to_array(ann: dict, sample_id: str, source: str) -> np.ndarray:
     return check_keypoints(full, sample_id, source)
 
 
-def _load_pyskl(path: Path, split: str | None, num_classes: int | None, skip_bad: bool) -> Samples:
+def _load_pyskl(path: Path, split: str | None, num_classes: int | None) -> tuple[Samples, list[tuple[str, str]]]:
+    """The good samples of ``split`` and every bad one as (sample_id, reason)."""
     data = read_pickle_safely(path)
     if not isinstance(data, dict) or "annotations" not in data:
         raise SampleError(f"{path}: not a pyskl annotation file (expected a dict with 'annotations' and 'split')")
@@ -226,7 +255,7 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None, skip_bad
             raise SampleError(f"{path}: no split {split!r}; available: {sorted(splits)}")
         wanted = [str(s) for s in splits[split]]
 
-    out = Samples()
+    out, bad = Samples(), []
     for sid in wanted:
         try:
             ann = by_id.get(sid)
@@ -236,16 +265,42 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None, skip_bad
             arr = _pyskl_to_array(ann, sid, str(path))
             out.append(Sample(sid, label, str(path), array=arr))
         except SampleError as exc:
-            _skip_or_raise(out, sid, exc, skip_bad)
-    return out
+            bad.append((sid, str(exc)))
+    return out, bad
 
 
-def _skip_or_raise(out: "Samples", sid: str, exc: SampleError, skip_bad: bool) -> None:
-    """--skip-bad: log the bad sample and list it in ``out.skipped``; otherwise re-raise."""
-    if not skip_bad:
-        raise exc
-    log.warning("skipping bad sample: %s", exc)
-    out.skipped.append((sid, str(exc)))
+#: Bad samples listed with their reason in the one error; the rest are named by id only.
+LISTED_WITH_REASON = 20
+#: Beyond this many, further bad sample ids are counted, not named (the line must stay readable).
+LISTED_BY_ID = 200
+
+
+def bad_samples_message(path: Path, where: str, bad: Sequence[tuple[str, str]]) -> str:
+    """One line naming every bad sample (the first ones with their reason) and the way out.
+
+    The data path is named once at the front; per-sample reasons name files relative to it.
+    """
+    folder = f"{(path if path.is_dir() else path.parent)}{os.sep}"
+    reasons = [reason.replace(folder, "") for _, reason in bad[:LISTED_WITH_REASON]]
+    text = f"{path}: {len(bad)} bad sample(s) {where}: " + "; ".join(reasons)
+    rest = [sid for sid, _ in bad[LISTED_WITH_REASON:]]
+    if rest:
+        named = ", ".join(repr(s) for s in rest[:LISTED_BY_ID])
+        more = f" and {len(rest) - LISTED_BY_ID} more" if len(rest) > LISTED_BY_ID else ""
+        text += f"; … and {len(rest)} more: {named}{more}"
+    return text + " (fix or remove them, or pass --skip-bad to leave them out)"
+
+
+def _log_skipped(path: Path, where: str, bad: Sequence[tuple[str, str]]) -> None:
+    """--skip-bad: one warning per bad sample (the first ones) and one summary line."""
+    for _, reason in bad[:LISTED_WITH_REASON]:
+        log.warning("skipping bad sample: %s", reason)
+    more = f"; {len(bad) - LISTED_WITH_REASON} not shown" if len(bad) > LISTED_WITH_REASON else ""
+    log.warning("%s: skipped %d bad sample(s) %s%s", path, len(bad), where, more)
+
+
+def _split_words(split: str | None) -> str:
+    return f"in split {split!r}" if split is not None else "in the data"
 
 
 def write_pyskl(path: Path | str, annotations: list[dict], split: dict[str, list[str]],
@@ -294,41 +349,95 @@ def _read_labels_csv(path: Path) -> list[tuple[int, str, str, str | None]]:
     return out
 
 
-def _load_npy_folder(path: Path, split: str | None, num_classes: int | None, skip_bad: bool,
-                     check_values: bool) -> Samples:
+def _npy_sample(base: Path, where: str, sid: str, label_text: str, num_classes: int | None,
+                check_values: bool) -> Sample:
+    """One CSV row's sample, its .npy header (and, with ``check_values``, its values) checked."""
+    try:
+        label_val: Any = int(label_text)
+    except ValueError:
+        raise SampleError(f"sample {sid!r} ({where}): label {label_text!r} is not an integer") from None
+    label = _check_label(label_val, sid, where, num_classes)
+    npy = base / f"{sid}.npy"
+    if not npy.is_file():
+        raise SampleError(f"sample {sid!r} ({where}): file missing: {npy}")
+    try:
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)  # maps the file; values are read by the scan
+    except (OSError, ValueError) as exc:
+        raise SampleError(f"sample {sid!r}: unreadable .npy {npy}: {exc}") from exc
+    scan_keypoints(arr, sid, str(npy), check_values=check_values)
+    del arr  # nothing of the file stays in memory: items are read again when used
+    return Sample(sid, label, str(npy), path=npy)
+
+
+def _load_npy_folder(path: Path, split: str | None, num_classes: int | None,
+                     check_values: bool) -> tuple[Samples, list[tuple[str, str]]]:
+    """The good samples of ``split`` and every bad one as (sample_id, reason)."""
     csv_path = path if path.is_file() else _find_labels_csv(path, split)
-    base = csv_path.parent
     rows = _read_labels_csv(csv_path)
     has_split_col = any(s is not None for *_, s in rows)
     if split is not None and has_split_col:
         rows = [r for r in rows if r[3] == split]
     elif split is not None and csv_path.name == "labels.csv":
         raise SampleError(f"{csv_path}: has no 'split' column, cannot select split {split!r} (use split=None)")
-    out = Samples()
+    out, bad = Samples(), []
     seen: set[str] = set()
     for n, sid, label_text, _ in rows:
+        where = f"{csv_path}:{n}"
         try:
-            where = f"{csv_path}:{n}"
             if sid in seen:
                 raise SampleError(f"sample {sid!r} ({where}): duplicate sample_id")
             seen.add(sid)
-            try:
-                label_val: Any = int(label_text)
-            except ValueError:
-                raise SampleError(f"sample {sid!r} ({where}): label {label_text!r} is not an integer") from None
-            label = _check_label(label_val, sid, where, num_classes)
-            npy = base / f"{sid}.npy"
-            if not npy.is_file():
-                raise SampleError(f"sample {sid!r} ({where}): file missing: {npy}")
-            try:
-                arr = np.load(npy, mmap_mode="r", allow_pickle=False)  # reads the header only
-            except (OSError, ValueError) as exc:
-                raise SampleError(f"sample {sid!r}: unreadable .npy {npy}: {exc}") from exc
-            check_keypoints(arr, sid, str(npy), check_values=check_values)
-            del arr
-            out.append(Sample(sid, label, str(npy), path=npy))
+            out.append(_npy_sample(csv_path.parent, where, sid, label_text, num_classes, check_values))
         except SampleError as exc:
-            _skip_or_raise(out, sid, exc, skip_bad)
+            bad.append((sid, str(exc)))
+    return out, bad
+
+
+def _read_split(path: Path, split: str | None, num_classes: int | None,
+                check_values: bool) -> tuple[Samples, list[tuple[str, str]]]:
+    if path.is_file() and path.suffix.lower() in (".pkl", ".pickle"):
+        return _load_pyskl(path, split, num_classes)
+    if path.is_dir() or path.suffix.lower() == ".csv":
+        return _load_npy_folder(path, split, num_classes, check_values)
+    raise SampleError(f"{path}: unknown data format (expected a pyskl .pkl, a labels .csv or a folder of .npy)")
+
+
+def load_splits(
+    path: Path | str,
+    splits: Sequence[str | None] = ("train", "test"),
+    skip_bad: bool = False,
+    num_classes: int | None = None,
+    check_values: bool = True,
+) -> dict[str | None, Samples]:
+    """Read several splits, checking every sample of all of them before raising.
+
+    Without ``skip_bad`` one :class:`SampleError` names the bad samples of every split at once
+    (so a user fixes the data in one go, not one sample per run); with it they are logged and
+    listed in each split's ``samples.skipped``. Every sample is checked here, up front: shape,
+    dtype, label and every value (NaN/inf), .npy files streamed block by block through their
+    memory map. ``check_values=False`` leaves the value scan of .npy files to item reads.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"{path}: data path does not exist")
+    started = time.perf_counter()
+    read = {split: _read_split(path, split, num_classes, check_values) for split in splits}
+    bad = [(sid, reason) for _, split_bad in read.values() for sid, reason in split_bad]
+    where = _split_words(splits[0]) if len(splits) == 1 else "in splits " + ", ".join(
+        f"{s!r} ({len(read[s][1])})" for s in splits)
+    if bad and not skip_bad:
+        raise SampleError(bad_samples_message(path, where, bad))
+    out: dict[str | None, Samples] = {}
+    for split, (samples, split_bad) in read.items():
+        if split_bad:
+            _log_skipped(path, _split_words(split), split_bad)
+        samples.skipped = list(split_bad)
+        if not samples:
+            raise SampleError(f"{path}: no usable samples in split {split!r}"
+                              + (f" ({len(split_bad)} skipped as bad)" if split_bad else ""))
+        out[split] = samples
+    log.info("%s: checked %d sample(s) %s in %.1f s", path, sum(len(s) + len(b) for s, b in read.values()),
+             ", ".join(_split_words(s) for s in splits), time.perf_counter() - started)
     return out
 
 
@@ -342,24 +451,12 @@ def load_samples(
     """Read the samples of one split from a pyskl pickle, a labels CSV or a folder of .npy files.
 
     ``split=None`` takes every sample. ``num_classes`` (when known) also rejects labels out of
-    range. ``check_values`` scans every value for NaN/inf up front; by default it does so for
-    pickles (already in memory) and, for .npy folders, only with ``skip_bad`` (so bad clips can be
-    skipped before training); otherwise .npy values are checked when an item is read.
+    range. Every sample is checked up front (see :func:`load_splits`) and all bad ones are
+    reported in one error; ``check_values=False`` skips the value scan of .npy files (their
+    values are then checked when an item is read).
     """
-    path = Path(path)
-    if not path.exists():
-        raise SampleError(f"{path}: data path does not exist")
-    if path.is_file() and path.suffix.lower() in (".pkl", ".pickle"):
-        samples = _load_pyskl(path, split, num_classes, skip_bad)
-    elif path.is_dir() or path.suffix.lower() == ".csv":
-        samples = _load_npy_folder(path, split, num_classes, skip_bad,
-                                   check_values if check_values is not None else skip_bad)
-    else:
-        raise SampleError(f"{path}: unknown data format (expected a pyskl .pkl, a labels .csv or a folder of .npy)")
-    if not samples:
-        raise SampleError(f"{path}: no usable samples in split {split!r}"
-                          + (f" ({len(samples.skipped)} skipped as bad)" if samples.skipped else ""))
-    return samples
+    return load_splits(path, (split,), skip_bad=skip_bad, num_classes=num_classes,
+                       check_values=True if check_values is None else check_values)[split]
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from gsp.atomic import atomic_path
-from gsp.schema import BODY_PARTS, read_run, resolve_run_dir
+from gsp.schema import BODY_PARTS, STATUS_OK, read_run, resolve_run_dir
 from mc.loss import BatchTexts
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,55 @@ def encode_texts_cached(
     return np.stack([table[h] for h in hashes]).astype(np.float32), stats
 
 
+# --------------------------------------------------------------------------- coverage
+
+#: The kinds the contrastive loss uses, in the order coverage is reported.
+COVERAGE_KINDS = ("Tg", "Ts", "Tp")
+#: Missing labels named per kind in the warning and the summary (the count is always given).
+MISSING_SHOWN = 10
+
+
+def description_coverage(labels_by_kind: dict[str, Iterable[int]], classes: Iterable[int]) -> dict:
+    """How many of ``classes`` have at least one usable text, per kind.
+
+    A class without a text of a kind still trains (cross-entropy, and the other kinds), but the
+    contrastive term of that kind never sees it; a partial run (``gsp run --limit 2``) leaves most
+    classes so. Returns ``{"num_classes", "covered": {kind: n}, "missing": {kind: first labels}}``.
+    """
+    classes = sorted({int(c) for c in classes})
+    covered: dict[str, int] = {}
+    missing: dict[str, list[int]] = {}
+    for kind in COVERAGE_KINDS:
+        have = {int(label) for label in labels_by_kind.get(kind, ())}
+        absent = [c for c in classes if c not in have]
+        covered[kind] = len(classes) - len(absent)
+        if absent:
+            missing[kind] = absent[:MISSING_SHOWN]
+    return {"num_classes": len(classes), "covered": covered, "missing": missing}
+
+
+def coverage_line(coverage: dict) -> str:
+    """'descriptions cover Tg 46/46, Ts 46/46, Tp 45/46 classes'."""
+    n = coverage["num_classes"]
+    return "descriptions cover " + ", ".join(f"{k} {coverage['covered'][k]}/{n}" for k in COVERAGE_KINDS) + " classes"
+
+
+def coverage_warning(coverage: dict) -> str | None:
+    """The warning for partial coverage (None when every kind covers every class)."""
+    n = coverage["num_classes"]
+    partial = [k for k in COVERAGE_KINDS if coverage["covered"][k] < n]
+    if not partial:
+        return None
+    parts = []
+    for kind in partial:
+        shown = coverage["missing"].get(kind, [])
+        absent = n - coverage["covered"][kind]
+        more = ", …" if absent > len(shown) else ""
+        parts.append(f"{kind} has none for {absent} of {n} (labels {', '.join(map(str, shown))}{more})")
+    return ("descriptions cover only some classes: " + "; ".join(parts)
+            + "; those classes get no contrastive term of that kind (describe the whole vocabulary to fix)")
+
+
 # --------------------------------------------------------------------------- the bank
 
 
@@ -356,6 +405,9 @@ class TextBank:
     tp_rows: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     stats: CacheStats | None = None
     run_dir: str = ""
+    num_classes: int | None = None
+    classes: list[int] | None = None  # the labels training has samples of: what coverage counts against
+    run_labels: list[int] = field(default_factory=list)  # every label the run has rows for, any status
 
     @property
     def dim(self) -> int:
@@ -366,8 +418,21 @@ class TextBank:
         self.labels = self.labels.to(device)
         return self
 
+    def coverage(self) -> dict:
+        """:func:`description_coverage` of the usable texts: Tg, Ts, and Tp tagged with a body part
+        (an untagged Tp is never used). Counted against ``classes`` (the labels that have training
+        samples) when given, else ``0..num_classes-1``, else the labels the run has rows for (so
+        failed signs show as missing)."""
+        if self.classes is not None:
+            classes: Iterable[int] = self.classes
+        else:
+            classes = range(self.num_classes) if self.num_classes is not None else self.run_labels
+        tp = {label for rows in self.tp_rows.values() for label in rows}
+        return description_coverage({"Tg": self.tg_rows.keys(), "Ts": self.ts_rows.keys(), "Tp": tp}, classes)
+
     def summary(self) -> dict:
         return {
+            "coverage": self.coverage(),
             "run_dir": self.run_dir,
             "texts": len(self.texts),
             "dim": self.dim,
@@ -431,30 +496,23 @@ def _encoding_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | N
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def build_text_bank(
-    run_dir: Path | str,
-    spec: EncoderSpec | None = None,
-    cache_root: Path | None = None,
-    num_classes: int | None = None,
-    progress: bool = False,
-) -> TextBank:
-    """Read a description run (ok rows only), encode its Tg/Ts/Tp texts (cached), index them.
+@dataclass
+class _RunTexts:
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    parts_of: list[list[str]] = field(default_factory=list)
+    run_labels: list[int] = field(default_factory=list)
 
-    Rows with empty text or a label outside ``0..num_classes-1`` are left out with a warning
-    naming their key, so one bad row never stops training.
-    """
-    from gsp.settings import get_settings
 
-    spec = spec or EncoderSpec.from_settings()
-    cache_root = Path(cache_root) if cache_root is not None else get_settings().paths.cache
-    run = resolve_run_dir(Path(run_dir))
-    frames = read_run(run, ok_only=True)
-    texts: list[str] = []
-    labels: list[int] = []
-    kinds: list[str] = []
-    parts_of: list[list[str]] = []
-    for kind in ("Tg", "Ts", "Tp"):
-        df = frames[kind].sort_values(["label", "variant"], kind="stable")
+def _read_texts(run: Path, num_classes: int | None) -> _RunTexts:
+    """The usable Tg/Ts/Tp texts of a run (ok, non-empty, label in range), plus every label the
+    run has rows for whatever their status (what coverage is counted against)."""
+    frames = read_run(run, ok_only=False)
+    out = _RunTexts(run_labels=sorted({int(v) for df in frames.values() for v in df["label"]}))
+    for kind in COVERAGE_KINDS:
+        df = frames[kind]
+        df = df[df["status"] == STATUS_OK].sort_values(["label", "variant"], kind="stable")
         for row in df.itertuples(index=False):
             text = (row.text or "").strip()
             label = int(row.label)
@@ -465,19 +523,53 @@ def build_text_bank(
                 log.warning("%s/%s.parquet: row %s has label %d outside 0..%d; left out", run, kind, row.key,
                             label, num_classes - 1)
                 continue
-            texts.append(text)
-            labels.append(label)
-            kinds.append(kind)
-            parts_of.append([p for p in (row.body_parts if row.body_parts is not None else []) if p in BODY_PARTS])
-    if not texts:
+            out.texts.append(text)
+            out.labels.append(label)
+            out.kinds.append(kind)
+            out.parts_of.append([p for p in (row.body_parts if row.body_parts is not None else [])
+                                 if p in BODY_PARTS])
+    return out
+
+
+def _log_coverage(bank: TextBank) -> None:
+    cov = bank.coverage()
+    log.info("%s (%s)", coverage_line(cov), bank.run_dir)
+    warning = coverage_warning(cov)
+    if warning:
+        log.warning("%s: %s", bank.run_dir, warning)
+
+
+def build_text_bank(
+    run_dir: Path | str,
+    spec: EncoderSpec | None = None,
+    cache_root: Path | None = None,
+    num_classes: int | None = None,
+    progress: bool = False,
+    classes: Iterable[int] | None = None,
+) -> TextBank:
+    """Read a description run (ok rows only), encode its Tg/Ts/Tp texts (cached), index them.
+
+    Rows with empty text or a label outside ``0..num_classes-1`` are left out with a warning
+    naming their key, so one bad row never stops training. How many classes have texts of each
+    kind is logged (INFO), with a WARNING when some have none; ``classes`` (the labels that have
+    training samples) is what that is counted against (see :meth:`TextBank.coverage`).
+    """
+    from gsp.settings import get_settings
+
+    spec = spec or EncoderSpec.from_settings()
+    cache_root = Path(cache_root) if cache_root is not None else get_settings().paths.cache
+    run = resolve_run_dir(Path(run_dir))
+    rt = _read_texts(run, num_classes)
+    if not rt.texts:
         raise TextFeatureError(f"{run}: no usable Tg/Ts/Tp texts (all failed or empty)")
     with _encoding_progress(progress) as on_progress:
-        feats, stats = encode_texts_cached(texts, spec, cache_root, on_progress=on_progress)
+        feats, stats = encode_texts_cached(rt.texts, spec, cache_root, on_progress=on_progress)
     bank = TextBank(
-        features=torch.from_numpy(feats), labels=torch.tensor(labels, dtype=torch.long), kinds=kinds,
-        texts=texts, stats=stats, run_dir=str(run),
+        features=torch.from_numpy(feats), labels=torch.tensor(rt.labels, dtype=torch.long), kinds=rt.kinds,
+        texts=rt.texts, stats=stats, run_dir=str(run), num_classes=num_classes,
+        classes=sorted({int(c) for c in classes}) if classes is not None else None, run_labels=rt.run_labels,
     )
-    for i, (kind, label, parts) in enumerate(zip(kinds, labels, parts_of)):
+    for i, (kind, label, parts) in enumerate(zip(rt.kinds, rt.labels, rt.parts_of)):
         if kind == "Tg":
             bank.tg_rows.setdefault(label, []).append(i)
         elif kind == "Ts":
@@ -485,6 +577,7 @@ def build_text_bank(
         else:
             for p in parts:
                 bank.tp_rows.setdefault(p, {}).setdefault(label, []).append(i)
+    _log_coverage(bank)
     return bank
 
 
@@ -495,6 +588,7 @@ def text_dim(spec: EncoderSpec) -> int:
 
 
 __all__: Iterable[str] = (
-    "EncoderSpec", "TextBank", "TextFeatureError", "build_text_bank", "encode_texts_cached", "encode_with_policy",
+    "EncoderSpec", "TextBank", "TextFeatureError", "build_text_bank", "coverage_line", "coverage_warning",
+    "description_coverage", "encode_texts_cached", "encode_with_policy",
     "split_to_fit", "text_sha256",
 )

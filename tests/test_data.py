@@ -97,8 +97,10 @@ def test_pyskl_bad_samples_name_the_sample_and_can_be_skipped(tmp_path):
     anns = [good, nan, empty, shape, badlabel, frames]
     split = {"train": ["good", "has_nan", "empty", "shape", "badlabel", "frames", "ghost"]}
     path = write_pyskl(tmp_path / "bad.pkl", anns, split)
-    with pytest.raises(SampleError, match=r"sample 'has_nan'.*non-finite value at frame 3, point 7"):
+    with pytest.raises(SampleError, match=r"sample 'has_nan'.*non-finite value at frame 3, point 7") as info:
         load_samples(path, "train")
+    assert "6 bad sample(s) in split 'train'" in str(info.value)  # all of them, not the first
+    assert all(f"sample {sid!r}" in str(info.value) for sid in ("has_nan", "empty", "shape", "badlabel", "frames", "ghost"))
     samples = load_samples(path, "train", skip_bad=True)
     assert [s.sample_id for s in samples] == ["good"]
     reasons = dict(samples.skipped)
@@ -156,9 +158,11 @@ def test_npy_bad_input(tmp_path):
     with (folder / "labels.csv").open("a") as fh:
         fh.write("gone,0\nnotint,abc\n")
     np.save(folder / "notint.npy", _kp(4))
-    with pytest.raises(SampleError, match=r"sample 'wrong'.*shape \(5, 17, 3\)"):
+    with pytest.raises(SampleError, match=r"sample 'wrong'.*shape \(5, 17, 3\)") as info:
         load_samples(folder, split=None)
-    samples = load_samples(folder, split=None, skip_bad=True)  # skip mode scans values up front
+    assert "4 bad sample(s)" in str(info.value)  # every one, values scanned up front
+    assert all(f"sample {sid!r}" in str(info.value) for sid in ("nan", "wrong", "gone", "notint"))
+    samples = load_samples(folder, split=None, skip_bad=True)
     assert [s.sample_id for s in samples] == ["ok"]
     reasons = dict(samples.skipped)
     assert "non-finite" in reasons["nan"] and "file missing" in reasons["gone"]

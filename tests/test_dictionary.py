@@ -20,7 +20,7 @@ from gsp.sign_source import SignSource, SignSourceError, load_sign_source
 from gsp.settings import PROJECT_ROOT
 
 KB = PROJECT_ROOT / "knowledge_base"
-VOCAB_DIR = PROJECT_ROOT.parent / "shared" / "vocab"
+VOCAB_DIR = PROJECT_ROOT / "data" / "vocab"
 
 
 def _load_renderer():
@@ -46,7 +46,7 @@ def zh_source():
 
 def _vocab(name: str) -> dict[int, dict[str, str]]:
     path = VOCAB_DIR / name
-    assert path.is_file(), f"shared vocabulary {path} is missing (shared/ must sit beside the repo)"
+    assert path.is_file(), f"vocabulary {path} is missing (it is part of the repository: data/vocab/)"
     with path.open(encoding="utf-8", newline="") as fh:
         return {int(row["ClassId"]): row for row in csv.DictReader(fh)}
 

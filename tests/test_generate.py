@@ -84,7 +84,7 @@ def test_demo_vocabulary_with_real_index(srv, tmp_path, demo_index, caplog):
 
 
 def test_failures_become_explicit_rows_and_other_signs_complete(srv, tmp_path):
-    vocab = PROJECT_ROOT.parent / "shared" / "vocab" / "autsl.csv"
+    vocab = PROJECT_ROOT / "data" / "vocab" / "autsl.csv"
     # every answer for "hurry" is garbage, every answer for "hungry" schema-invalid; five 500s on the way
     srv.faults = [Fault("invalid_json", times=None, only_if="Sign: hurry"),
                   Fault("schema_invalid", times=None, only_if="Sign: hungry"),

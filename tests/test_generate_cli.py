@@ -15,7 +15,7 @@ from gsp.llm.cache import ResponseCache
 from gsp.schema import KINDS, read_kind, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT
 
-AUTSL = PROJECT_ROOT.parent / "shared" / "vocab" / "autsl.csv"
+AUTSL = PROJECT_ROOT / "data" / "vocab" / "autsl.csv"
 GSP = [sys.executable, "-m", "gsp.cli"]
 KEY = "sk-CLI-SECRET-9876543210"
 

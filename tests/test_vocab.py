@@ -7,11 +7,11 @@ import pytest
 from gsp.settings import PROJECT_ROOT
 from gsp.vocab import VocabError, load_vocabulary
 
-SHARED = PROJECT_ROOT.parent / "shared" / "vocab"
+VOCAB_DIR = PROJECT_ROOT / "data" / "vocab"  # the real AUTSL/SLR500 lists, vendored
 
 
 def test_autsl_is_turkish_with_english_translation():
-    vocab = load_vocabulary(SHARED / "autsl.csv")
+    vocab = load_vocabulary(VOCAB_DIR / "autsl.csv")
     assert len(vocab.entries) == 226
     first = vocab.entries[0]
     assert (first.label, first.gloss, first.lang, first.english) == (0, "abla", "tr", "sister")
@@ -21,7 +21,7 @@ def test_autsl_is_turkish_with_english_translation():
 
 
 def test_slr500_is_chinese():
-    vocab = load_vocabulary(SHARED / "slr500.csv")
+    vocab = load_vocabulary(VOCAB_DIR / "slr500.csv")
     assert len(vocab.entries) == 500
     e = vocab.entries[2]
     assert (e.gloss, e.lang, e.english) == ("形势", "zh", "SITUATION")
@@ -29,7 +29,7 @@ def test_slr500_is_chinese():
 
 
 def test_select_labels_and_limit(tmp_path):
-    vocab = load_vocabulary(SHARED / "autsl.csv")
+    vocab = load_vocabulary(VOCAB_DIR / "autsl.csv")
     assert [e.label for e in vocab.select([9, 1, 5])] == [1, 5, 9]
     assert [e.label for e in vocab.select(limit=2)] == [0, 1]
     with pytest.raises(VocabError, match=r"labels \[9999\]"):
@@ -52,7 +52,8 @@ def test_english_only_and_gloss_column(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("TR,EN\nabla,sister\n", "missing id column"),
-    ("ClassId,Notes\n0,xx yy\n", "missing gloss column"),
+    ("ClassId,Notes\n0,xx yy\n", "unknown column 'Notes' in the header; accepted: an id column"),
+    ("ClassId\n0\n", "missing gloss column"),
     ("ClassId,TR,EN\n0,abla,sister\n0,acele,hurry\n", r"row 3: duplicate ClassId 0 \(first on row 2\)"),
     ("ClassId,TR,EN\n0,abla,sister\n1,,hurry\n", r"row 3: empty gloss in column 'TR' \(label 1\)"),
     ("ClassId,TR,EN\nx,abla,sister\n", r"row 2: ClassId 'x' is not an integer"),
