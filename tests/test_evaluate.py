@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gsp.cli import app
+from cli.main import app
 from mc.evaluate import (
     EvaluationError,
     classification_metrics,

@@ -16,7 +16,7 @@ from gsp.schema import KINDS, read_kind, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT
 
 AUTSL = PROJECT_ROOT / "data" / "vocab" / "autsl.csv"
-GSP = [sys.executable, "-m", "gsp.cli"]
+GSP = [sys.executable, "-m", "cli.main"]
 KEY = "sk-CLI-SECRET-9876543210"
 
 

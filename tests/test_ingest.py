@@ -20,7 +20,7 @@ from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
-from gsp.cli import app
+from cli.main import app
 from gsp.index import CHUNKS_FILE, INDEX_FILE, MANIFEST_FILE, ingest
 from gsp.retrieval import Retriever
 

@@ -28,7 +28,7 @@ def _run(tmp_path: Path) -> subprocess.CompletedProcess:
         "COLUMNS": "200",
     })
     return subprocess.run(
-        [sys.executable, "-m", "gsp.cli", "run", "--limit", "2", "--epochs", "1", "--samples-per-class", "8"],
+        [sys.executable, "-m", "cli.main", "run", "--limit", "2", "--epochs", "1", "--samples-per-class", "8"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
 
@@ -75,7 +75,7 @@ def test_gsp_run_end_to_end_and_rerun(tmp_path):
 def test_gsp_run_bad_vocabulary_is_one_clear_error(tmp_path):
     from typer.testing import CliRunner
 
-    from gsp.cli import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["run", "--vocab", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2
@@ -85,7 +85,7 @@ def test_gsp_run_bad_vocabulary_is_one_clear_error(tmp_path):
 def test_gsp_run_unknown_stream_is_refused_before_any_work():
     from typer.testing import CliRunner
 
-    from gsp.cli import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["run", "--streams", "joint,bones"])
     assert result.exit_code == 2

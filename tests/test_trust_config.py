@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gsp.cli import app
+from cli.main import app
 from mc.data import write_pyskl
 from mc.evaluate import load_inference
 from mc.train import TrainConfig, train

@@ -32,7 +32,7 @@ from test_data import _ann, _kp
 from test_train import toy_descriptions, toy_pyskl
 
 torch.set_num_threads(1)
-GSP = [sys.executable, "-m", "gsp.cli"]
+GSP = [sys.executable, "-m", "cli.main"]
 
 
 def run_gsp(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

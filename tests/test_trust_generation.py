@@ -20,7 +20,7 @@ from fake_openai import Fault, FakeOpenAI
 from gsp.schema import LATEST_POINTER, read_kind, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT
 
-GSP = [sys.executable, "-m", "gsp.cli"]
+GSP = [sys.executable, "-m", "cli.main"]
 KEY = "sk-TRUST-SECRET-24680"
 
 

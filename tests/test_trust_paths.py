@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gsp.cli import app
+from cli.main import app
 from gsp.index import MANIFEST_FILE
 from test_train import toy_pyskl
 

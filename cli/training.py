@@ -11,14 +11,11 @@ from typing import Iterable, Optional
 
 import typer
 
+from cli.common import fail
+
 model_app = typer.Typer(help="Inspect the skeleton model.", no_args_is_help=True)
 
 AMP_CHOICES = ("auto", "on", "off")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
@@ -26,14 +23,14 @@ def _check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
 
     allowed = list(allowed)
     if value not in allowed:
-        _fail(f"{option} {value!r} is not valid{did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}")
+        fail(f"{option} {value!r} is not valid{did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}")
 
 
 def _check_device(option: str, value: str) -> None:
     from gsp.settings import DEVICE_CHOICES, DEVICE_PATTERN
 
     if not DEVICE_PATTERN.fullmatch(value):
-        _fail(f"{option} {value!r} is not a device; use {DEVICE_CHOICES}")
+        fail(f"{option} {value!r} is not a device; use {DEVICE_CHOICES}")
 
 
 def _check_names(preset: str | None = None, stream: str | None = None, layout: str | None = None,
@@ -151,11 +148,11 @@ def train_cmd(
             num_workers=s.num_workers, skip_bad=skip_bad, resume=not no_resume, progress=not no_progress,
         )
     except ValidationError as exc:
-        _fail(_validation_line(exc))
+        fail(_validation_line(exc))
     try:
         metrics = train(cfg)
     except (ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_metrics(metrics, f"{stream} ({'contrastive ' + metrics['ablation'] if metrics['contrastive'] else 'CE only'})")
     typer.echo(str(Path(out) / "metrics.json"))
 
@@ -176,7 +173,7 @@ def eval_cmd(
     try:
         metrics = evaluate_checkpoint(run, data=data, split=split, out=out, device=device, skip_bad=skip_bad)
     except (ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
@@ -197,11 +194,11 @@ def ensemble_cmd(
     try:
         w = [float(v) for v in weights.split(",")] if weights else None
     except ValueError:
-        _fail(f"--weights must be comma-separated numbers, got {weights!r}")
+        fail(f"--weights must be comma-separated numbers, got {weights!r}")
     try:
         metrics = ensemble(runs, w, out_dir=out)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "per_class_accuracy"}))
     else:
@@ -220,32 +217,13 @@ def predict_cmd(
     try:
         preds = predict_file(model, keypoints, topk=topk)
     except (ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(preds))
         return
     for p in preds:
         name = f" {p['name']}" if p["name"] else ""
         typer.echo(f"{p['label']:>5}{name}\t{p['probability']:.4f}")
-
-
-def synth_cmd(
-    out: Path = typer.Option(..., "--out", help="The pyskl pickle to write."),
-    samples_per_class: int = typer.Option(30, "--samples-per-class", min=1, help="Clips per sign."),
-    frames: int = typer.Option(48, "--frames", min=4, help="Frames per clip."),
-    signers: int = typer.Option(8, "--signers", min=2, help="Synthetic signers (body shapes and styles)."),
-    test_signers: int = typer.Option(2, "--test-signers", min=1, help="Signers held out as the test split."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-) -> None:
-    """Write a synthetic whole-body skeleton data set for the demo signs (pyskl format)."""
-    from mc.synthetic import write_synthetic_dataset
-
-    try:
-        path = write_synthetic_dataset(out, samples_per_class=samples_per_class, frames=frames, signers=signers,
-                                       test_signers=test_signers, seed=seed)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-    typer.echo(str(path))
 
 
 def model_summary(
@@ -269,7 +247,7 @@ def model_summary(
         p = get_preset(preset)
         lay = get_layout(layout)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     frames = frames or p.frames
     model = GSPMCModel(model_config_for(lay, num_classes, base_channels=base_channels or p.base_channels,
                                         text_dim=text_dim))
@@ -295,6 +273,5 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
     app.command("ensemble")(ensemble_cmd)
     app.command("predict")(predict_cmd)
-    app.command("synth")(synth_cmd)
     model_app.command("summary")(model_summary)
     app.add_typer(model_app, name="model")

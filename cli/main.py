@@ -1,11 +1,15 @@
-"""The ``gsp`` command line: one typer app; each area registers its own subcommands."""
+"""The ``gsp`` command line: one typer app; each command group (a module of this package)
+registers its commands with ``register(app)``."""
 
 from __future__ import annotations
 
-import importlib
 import sys
+
 import typer
 from typer.core import TyperGroup
+
+from cli import demo, generate, kb, run, training
+from cli.common import fail
 
 HELP_REQUESTED = "gsp.help_requested"
 
@@ -26,14 +30,6 @@ app = typer.Typer(
     "contrastive skeleton training.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-)
-
-#: Modules that add commands to ``app`` through a ``register(app)`` function.
-COMMAND_MODULES = (
-    "gsp.cli_kb",        # ingest, search
-    "gsp.cli_generate",  # generate, llm serve
-    "mc.cli",            # train, eval, ensemble, predict, model summary, synth
-    "gsp.cli_run",       # run: the main job end to end
 )
 
 #: Errors that mean the user gave something wrong (a setting, a file, a name): their message is
@@ -63,12 +59,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-def fail(message: str) -> None:
-    """Print one error line on stderr and exit 2 (the user's mistake)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
 def is_user_error(exc: BaseException) -> bool:
     for spec in USER_ERRORS:
         module_name, class_name = spec.split(":")
@@ -96,8 +86,9 @@ def _root(
         fail(str(exc))
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+# Each command group registers its commands the same way: module-level functions, `register(app)`.
+for _group in (kb, generate, training, demo, run):
+    _group.register(app)
 
 
 def main() -> None:
