@@ -1,10 +1,10 @@
 """Benchmark: what the multi-positive contrastive loss gains over CE only, by quality of text.
 
-Trains the same model on the same synthetic clips (the demo signs, ``mc.synthetic``) with:
+Trains the same model on the same synthetic clips (the demo signs, ``demo.synthetic``) with:
 
 - ``ce``: cross-entropy only (the baseline of the paper's Table 5);
 - ``reference``: CE + L_con with reference descriptions written from the sign source
-  (``mc.reference_texts``: what a perfect GSP would say);
+  (``demo.reference_texts``: what a perfect GSP would say);
 - ``run``: CE + L_con with a generated description run, when ``--descriptions RUN_DIR`` is given
   (e.g. the SmolLM2 run of ``gsp run``);
 
@@ -44,15 +44,16 @@ def main() -> None:
         try:  # fail now, not after the first trainings
             args.descriptions = resolve_run_dir(args.descriptions)
         except SchemaError as exc:
-            raise SystemExit(f"--descriptions: {exc}")
+            raise SystemExit(f"--descriptions: {exc}") from exc
     work = args.keep or Path(tempfile.mkdtemp(prefix="gsp-bench-gain-"))
     work.mkdir(parents=True, exist_ok=True)
     # caches (text features) under the work folder, not the repo's artifacts/
     os.environ["GSP_ARTIFACTS_DIR"] = str(work / "artifacts")
 
-    from mc.reference_texts import write_reference_run
-    from mc.synthetic import write_synthetic_dataset
-    from mc.train import train
+    from demo.reference_texts import write_reference_run
+    from demo.synthetic import write_synthetic_dataset
+    from gsp.settings import get_settings
+    from mc.train import TrainConfig, train
 
     data = write_synthetic_dataset(work / "skeletons.pkl", samples_per_class=args.samples_per_class, seed=0)
     configs: dict[str, Path | None] = {"ce": None, "reference": write_reference_run(work / "reference_run")}
@@ -64,9 +65,10 @@ def main() -> None:
     for seed in seeds:
         for name, texts in configs.items():
             t0 = time.perf_counter()
-            m = train({"data": data, "descriptions": texts, "contrastive": texts is not None,
-                       "ablation": args.ablation, "preset": args.preset, "epochs": args.epochs, "seed": seed,
-                       "out": work / "runs" / f"{name}-seed{seed}", "progress": False})
+            m = train(TrainConfig.from_settings(
+                get_settings(), data=data, descriptions=texts, contrastive=texts is not None, ablation=args.ablation,
+                preset=args.preset, epochs=args.epochs, seed=seed, out=work / "runs" / f"{name}-seed{seed}",
+                progress=False))
             results[name].append((m["top1"], m["top5"], time.perf_counter() - t0))
             print(f"  {name:<10} seed {seed}: top1 {m['top1']:.3f}  top5 {m['top5']:.3f}", flush=True)
 

@@ -18,7 +18,7 @@ def synth_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """Write a synthetic whole-body skeleton data set for the demo signs (pyskl format)."""
-    from mc.synthetic import write_synthetic_dataset
+    from demo.synthetic import write_synthetic_dataset
 
     try:
         path = write_synthetic_dataset(out, samples_per_class=samples_per_class, frames=frames, signers=signers,

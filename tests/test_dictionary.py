@@ -7,31 +7,19 @@ renders real PDFs with fpdf2; text is checked with pypdf, as the knowledge base 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import re
-import sys
 from pathlib import Path
 
 import pypdf
 import pytest
 
-from gsp.sign_source import SignSource, SignSourceError, load_sign_source
+from demo import render_dictionary as rd
+from demo.sign_source import KB_DIR as KB
+from demo.sign_source import SignSource, SignSourceError, load_sign_source
 from gsp.settings import PROJECT_ROOT
 
-KB = PROJECT_ROOT / "knowledge_base"
 VOCAB_DIR = PROJECT_ROOT / "data" / "vocab"
-
-
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("render_dictionary", KB / "render_dictionary.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_dictionary"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rd = _load_renderer()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_signs_use_exact_autsl_ids_and_glosses(source):
 
 def test_committed_vocab_csv_is_the_autsl_rows_sorted(source):
     text = (KB / "demo_vocab.csv").read_text(encoding="utf-8")
-    assert text == rd.vocab_csv(source), "demo_vocab.csv is stale: re-run render_dictionary.py"
+    assert text == rd.vocab_csv(source), "demo_vocab.csv is stale: re-run python -m demo.render_dictionary"
     autsl_lines = (VOCAB_DIR / "autsl.csv").read_text(encoding="utf-8").splitlines()
     lines = text.splitlines()
     assert lines[0] == autsl_lines[0] == "ClassId,TR,EN"
@@ -286,7 +274,7 @@ def test_rerender_is_byte_identical_to_the_committed_files(tmp_path):
     written = rd.render_all(tmp_path)
     for name, path in written.items():
         assert path.read_bytes() == (KB / name).read_bytes(), \
-            f"{name} differs from the committed file: re-run knowledge_base/render_dictionary.py and commit"
+            f"{name} differs from the committed file: re-run python -m demo.render_dictionary and commit"
 
 
 def test_missing_cjk_font_names_the_package(tmp_path):

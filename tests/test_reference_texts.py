@@ -1,9 +1,9 @@
 """Reference descriptions written from the sign source: schema-valid, faithful to the segments
 (minimal pairs differ in words exactly where their clips differ), readable as a text bank."""
 
+from demo.reference_texts import reference_rows, segment_parts, write_reference_run
+from demo.sign_source import load_sign_source
 from gsp.schema import BODY_PARTS, KINDS, read_run
-from gsp.sign_source import load_sign_source
-from mc.reference_texts import reference_rows, segment_parts, write_reference_run
 from mc.text_features import EncoderSpec, build_text_bank
 
 
@@ -29,12 +29,14 @@ def test_rows_cover_every_sign_and_follow_the_segments():
     tg = _by_gloss(rows, "Tg")
     # SISTER/BROTHER differ only in the handshape; the texts name each one's chart handshape
     assert "'L' handshape" in tg["sister"]["text"] and "'A' handshape" in tg["brother"]["text"]
-    assert tg["sister"]["text"].replace("'L'", "").split("(")[0] == tg["brother"]["text"].replace("'A'", "").split("(")[0]
+    assert (tg["sister"]["text"].replace("'L'", "").split("(")[0]
+            == tg["brother"]["text"].replace("'A'", "").split("(")[0])
     # HUNGRY/FULL differ only in mouth/face: the part rows for those differ, the hands' agree
     hungry = {r["body_parts"][0]: r["text"] for r in rows["Tp"] if r["gloss"] == "hungry"}
     full = {r["body_parts"][0]: r["text"] for r in rows["Tp"] if r["gloss"] == "full"}
     assert hungry["right_hand"] == full["right_hand"]
-    assert {k: v for k, v in hungry.items() if k != "right_hand"} != {k: v for k, v in full.items() if k != "right_hand"}
+    assert ({k: v for k, v in hungry.items() if k != "right_hand"}
+            != {k: v for k, v in full.items() if k != "right_hand"})
 
 
 def test_reference_run_reads_as_a_text_bank(tmp_path):

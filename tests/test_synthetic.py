@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gsp.sign_source import DEFAULT_SOURCE, HandAction, Handshape, Segment, Sign, SignSource, load_sign_source
+from demo.sign_source import DEFAULT_SOURCE, HandAction, Handshape, Segment, Sign, SignSource, load_sign_source
+from demo.synthetic import render_clip, sample_signer, write_synthetic_dataset
 from mc.data import SkeletonDataset, load_samples, read_pickle_safely
-from mc.keypoints import FACE0, LEFT_HAND0, RIGHT_HAND0
-from mc.synthetic import render_clip, sample_signer, write_synthetic_dataset
+from mc.keypoints import FACE0, RIGHT_HAND0
 
 
 def _shape(sid: str, **fingers) -> Handshape:
-    base = dict(thumb="closed", index="closed", middle="closed", ring="closed", little="closed")
+    base = {"thumb": "closed", "index": "closed", "middle": "closed", "ring": "closed", "little": "closed"}
     base.update(fingers)
     return Handshape(id=sid, name=sid, description=f"shape {sid}", **base)
 
@@ -27,7 +27,7 @@ def source() -> SignSource:
     def sign(cid, gloss, *segments):
         return Sign(class_id=cid, gloss=gloss, native=gloss, prose=f"{gloss}.", segments=list(segments))
 
-    cheek = dict(location="cheek", palm="left", movement="straight", direction="down")
+    cheek = {"location": "cheek", "palm": "left", "movement": "straight", "direction": "down"}
     return SignSource(
         title="t", disclaimer="d", handshapes=[a, l_, five],
         signs=[
@@ -90,7 +90,7 @@ def test_clip_format_and_missing_points(source):
 
 
 def test_dataset_file_split_by_signer_and_deterministic(source, tmp_path):
-    kw = dict(source=source, samples_per_class=5, frames=24, signers=5, test_signers=2, seed=4)
+    kw = {"source": source, "samples_per_class": 5, "frames": 24, "signers": 5, "test_signers": 2, "seed": 4}
     path = write_synthetic_dataset(tmp_path / "syn.pkl", **kw)
     data = read_pickle_safely(path)
     anns = {a["frame_dir"]: a for a in data["annotations"]}

@@ -1,6 +1,6 @@
 """The structured sign source: one machine-readable file of signs that drives both the demo
-dictionary PDF (``knowledge_base/render_dictionary.py``) and the synthetic skeleton generator
-(``mc.synthetic``).
+dictionary PDF (``demo.render_dictionary``) and the synthetic skeleton generator
+(``demo.synthetic``).
 
 A sign is a sequence of *segments*; each segment says what the right (dominant) hand, the left
 hand, the mouth, the face and the body do at the same time. A segment can instead be a reference
@@ -19,9 +19,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gsp.errors import GspError
 from gsp.settings import PROJECT_ROOT
 
-DEFAULT_SOURCE = PROJECT_ROOT / "knowledge_base" / "demo_signs.yaml"
+# The bundled source, read from the repository's data folder (it is data, not code, so it stays
+# beside the PDFs rendered from it).
+KB_DIR = PROJECT_ROOT / "knowledge_base"
+DEFAULT_SOURCE = KB_DIR / "demo_signs.yaml"
 
 FingerState = Literal["extended", "bent", "curled", "closed"]
 Location = Literal[
@@ -77,7 +81,7 @@ class Segment(_Strict):
     body: BodyMove = "none"
 
     @model_validator(mode="after")
-    def _ref_or_parts(self) -> "Segment":
+    def _ref_or_parts(self) -> Segment:
         if self.ref is not None and (self.right or self.left):
             raise ValueError("a segment is either a 'ref' to another sign or its own hand actions")
         if self.ref is None and self.right is None and self.left is None and self.mouth == "neutral" \
@@ -102,7 +106,7 @@ class SignSource(_Strict):
     signs: list[Sign]
 
     @model_validator(mode="after")
-    def _references_resolve(self) -> "SignSource":
+    def _references_resolve(self) -> SignSource:
         chart = {h.id for h in self.handshapes}
         glosses = {s.gloss for s in self.signs}
         ids = [s.class_id for s in self.signs]
@@ -149,7 +153,7 @@ class SignSource(_Strict):
         return out
 
 
-class SignSourceError(ValueError):
+class SignSourceError(GspError, ValueError):
     pass
 
 

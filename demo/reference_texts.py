@@ -1,12 +1,12 @@
 """Reference descriptions of the demo signs, written from their structured source.
 
-What a perfect GSP would produce for the signs that ``mc.synthetic`` animates: Tg, Ts and Tp
+What a perfect GSP would produce for the signs that ``demo.synthetic`` animates: Tg, Ts and Tp
 (paper §3.2) that state exactly the handshapes, locations, movements and non-manual features the
 clips show, with references to other signs resolved and chart handshapes spelled out. They are
 not the pipeline's output; they exist to measure what the MC loss gains from good text
 separately from the quality of the LLM that wrote the descriptions (``bench/contrastive_gain.py``).
 
-Written by templates from :class:`gsp.sign_source.Segment` fields; the rows follow the artifact
+Written by templates from :class:`demo.sign_source.Segment` fields; the rows follow the artifact
 schema (:mod:`gsp.schema`), so :func:`mc.text_features.build_text_bank` reads them like any run.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from demo.sign_source import HandAction, Segment, SignSource, load_sign_source
 from gsp.schema import STATUS_OK, row_key, write_kind
-from gsp.sign_source import HandAction, Segment, SignSource, load_sign_source
 
 MODEL_NAME = "reference-from-sign-source"
 
@@ -91,7 +91,8 @@ def reference_rows(source: SignSource, synonyms: int = 3) -> dict[str, list[dict
     for sign in source.signs:
         segments = [segment_parts(seg, source) for seg in source.expanded_segments(sign.gloss)]
         steps = ["; ".join(p.values()) for p in segments if p]
-        whole = " ".join(_sentence(("then " if i else "") + s) for i, s in enumerate(steps)) or "The sign is held still."
+        whole = (" ".join(_sentence(("then " if i else "") + s) for i, s in enumerate(steps))
+                 or "The sign is held still.")
         rows["Tb"].append(row(sign, "Tb", 0, whole))
         rows["Tg"].append(row(sign, "Tg", 0, whole))
         for v in range(synonyms):
