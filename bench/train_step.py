@@ -19,11 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mc.keypoints import get_layout
-from mc.loss import composite_loss, hierarchical_contrastive_loss
+from mc.keypoints import DEFAULT_KEYPOINT_SET, get_layout
 from mc.model import GSPMCModel, model_config_for
-from mc.presets import get_preset
+from mc.presets import get_recipe
 from mc.text_features import TextBank
+from mc.train import Learner, train_step
 
 
 def synthetic_bank(num_classes: int, dim: int, parts: list[str], seed: int = 0) -> TextBank:
@@ -52,22 +52,16 @@ def synthetic_bank(num_classes: int, dim: int, parts: list[str], seed: int = 0) 
 
 
 def time_train(model: GSPMCModel, x, y, bank: TextBank | None, steps: int) -> float:
+    """Samples/s of training's own step (:func:`mc.train.train_step`), on CPU in float32."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    learner = Learner(model=model, optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                      device=torch.device("cpu"), bank=bank)
     gen = torch.Generator().manual_seed(0)
     model.train()
     elapsed = 0.0
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        out = model.forward_train(x, with_embeddings=bank is not None)
-        cls = F.cross_entropy(out.logits, y)
-        con = None
-        if bank is not None:
-            con, _ = hierarchical_contrastive_loss(out.global_embedding, out.part_embeddings, y,
-                                                   bank.batch_texts(y, gen), tau=0.1)
-        loss = composite_loss(cls, con, 0.5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(learner, x, y, gen)
         if i:  # first step is warm-up
             elapsed += time.perf_counter() - t0
     return steps * x.shape[0] / elapsed
@@ -95,8 +89,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = get_preset(args.preset)
-    layout = get_layout("gsp87")
+    p = get_recipe(args.preset)
+    layout = get_layout(DEFAULT_KEYPOINT_SET)
     batch = args.batch or p.batch_size
     torch.manual_seed(0)
     x = torch.randn(batch, 3, p.frames, layout.num_nodes, 1)
@@ -104,7 +98,8 @@ def main() -> None:
     cfg = model_config_for(layout, args.num_classes, base_channels=p.base_channels, text_dim=args.text_dim)
     contrastive_model = GSPMCModel(cfg)
     ce_model = GSPMCModel(model_config_for(layout, args.num_classes, base_channels=p.base_channels))
-    ce_model.load_state_dict({k: v for k, v in contrastive_model.state_dict().items() if not k.startswith("projections")})
+    ce_model.load_state_dict(
+        {k: v for k, v in contrastive_model.state_dict().items() if not k.startswith("projections")})
     bank = synthetic_bank(args.num_classes, args.text_dim, list(layout.parts))
     exported = contrastive_model.inference_model()
     plain = ce_model  # what a CE-only run evaluates with (its forward() is the classifier path)

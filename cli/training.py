@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import typer
 
 from cli.common import fail
+from mc.presets import DEFAULT_ALPHA, DEFAULT_TAU
 
 model_app = typer.Typer(help="Inspect the skeleton model.", no_args_is_help=True)
 
@@ -19,7 +20,7 @@ AMP_CHOICES = ("auto", "on", "off")
 
 
 def _check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
-    from gsp.settings import did_you_mean
+    from gsp.errors import did_you_mean
 
     allowed = list(allowed)
     if value not in allowed:
@@ -36,16 +37,16 @@ def _check_device(option: str, value: str) -> None:
 def _check_names(preset: str | None = None, stream: str | None = None, layout: str | None = None,
                  ablation: str | None = None) -> None:
     """Refuse a misspelt name before anything loads (pydantic's report is a multi-line dump)."""
-    from mc.keypoints import PRESETS as LAYOUTS
-    from mc.presets import PRESETS
+    from mc.keypoints import KEYPOINT_SETS
+    from mc.presets import RECIPES
     from mc.transforms import STREAMS
 
     if preset is not None:
-        _check_choice("--preset", preset, PRESETS)
+        _check_choice("--preset", preset, RECIPES)
     if stream is not None:
         _check_choice("--stream", stream, STREAMS)
     if layout is not None:
-        _check_choice("--layout", layout, sorted(LAYOUTS))
+        _check_choice("--layout", layout, sorted(KEYPOINT_SETS))
     if ablation is not None:
         from mc.loss import ABLATIONS
 
@@ -99,30 +100,31 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy files."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.json, export.pt)."),
-    descriptions: Optional[Path] = typer.Option(
+    descriptions: Path | None = typer.Option(
         None, "--descriptions", help="Description run (or root with LATEST). Without it: the CE-only baseline."),
-    preset: Optional[str] = typer.Option(
+    preset: str | None = typer.Option(
         None, "--preset", help="Training recipe: slr500, autsl or tiny.", show_default="GSP_MC_PRESET, else tiny"),
     stream: str = typer.Option("joint", "--stream", help="Input stream: joint, bone, joint_motion or bone_motion."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs.", show_default="the preset's"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Batch size.", show_default="the preset's"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (SGD).", show_default="the preset's"),
-    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
-    base_channels: Optional[int] = typer.Option(
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs.", show_default="the preset's"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Batch size.", show_default="the preset's"),
+    lr: float | None = typer.Option(None, "--lr", help="Base learning rate (SGD).", show_default="the preset's"),
+    frames: int | None = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
+    base_channels: int | None = typer.Option(
         None, "--base-channels", min=4, help="CTR-GCN width of the first units.", show_default="the preset's"),
     no_contrastive: bool = typer.Option(False, "--no-contrastive", help="CE-only baseline even with --descriptions."),
     ablation: str = typer.Option(
         "all", "--ablation", help="Text sets of the contrastive loss: ce, synonyms, prompt, multipart, "
         "synonyms+prompt, all."),
-    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the contrastive loss (eq. 12)."),
-    tau: float = typer.Option(0.1, "--tau", help="Temperature of the contrastive loss (eqs. 7-8)."),
-    layout: Optional[str] = typer.Option(
-        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.", show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.", show_default="GSP_MC_SEED, else 0"),
-    device: Optional[str] = typer.Option(
+    alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", help="Weight of the contrastive loss (eq. 12)."),
+    tau: float = typer.Option(DEFAULT_TAU, "--tau", help="Temperature of the contrastive loss (eqs. 7-8)."),
+    layout: str | None = typer.Option(
+        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.",
+        show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed.", show_default="GSP_MC_SEED, else 0"),
+    device: str | None = typer.Option(
         None, "--device", help="auto, cpu, cuda, cuda:N or mps.", show_default="GSP_MC_DEVICE, else auto"),
     amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto (on for CUDA), on, off."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.", show_default="torch's"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads.", show_default="torch's"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore an existing checkpoint in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and CI)."),
@@ -131,21 +133,22 @@ def train_cmd(
     from pydantic import ValidationError
 
     from gsp.settings import get_settings
+    from mc.run_folder import RunFolder
     from mc.train import TrainConfig, train
 
-    s = get_settings().mc
+    settings = get_settings()
     _check_names(preset=preset, stream=stream, layout=layout, ablation=ablation)
     _check_choice("--amp", amp, AMP_CHOICES)
     if device is not None:
         _check_device("--device", device)
     _log_mc_to_stderr()
     try:
-        cfg = TrainConfig(
-            data=data, out=out, descriptions=descriptions, preset=preset or s.preset, stream=stream, epochs=epochs,
+        cfg = TrainConfig.from_settings(
+            settings, data=data, out=out, descriptions=descriptions, preset=preset, stream=stream, epochs=epochs,
             batch_size=batch_size, lr=lr, frames=frames, base_channels=base_channels,
             contrastive=not no_contrastive, ablation=ablation, alpha=alpha, tau=tau, layout=layout,
-            seed=s.seed if seed is None else seed, device=device or s.device, amp=amp, threads=threads,
-            num_workers=s.num_workers, skip_bad=skip_bad, resume=not no_resume, progress=not no_progress,
+            seed=seed, device=device, amp=amp, threads=threads, skip_bad=skip_bad, resume=not no_resume,
+            progress=not no_progress,
         )
     except ValidationError as exc:
         fail(_validation_line(exc))
@@ -153,15 +156,18 @@ def train_cmd(
         metrics = train(cfg)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
-    _print_metrics(metrics, f"{stream} ({'contrastive ' + metrics['ablation'] if metrics['contrastive'] else 'CE only'})")
-    typer.echo(str(Path(out) / "metrics.json"))
+    _print_metrics(
+        metrics, f"{stream} ({'contrastive ' + metrics['ablation'] if metrics['contrastive'] else 'CE only'})")
+    typer.echo(str(RunFolder(out).metrics))
 
 
 def eval_cmd(
     run: Path = typer.Argument(..., help="A training run folder (with checkpoints/last.pt)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data to evaluate on.", show_default="the data the run was trained on"),
+    data: Path | None = typer.Option(
+        None, "--data", help="Data to evaluate on.", show_default="the data the run was trained on"),
     split: str = typer.Option("test", "--split", help="Which split of the data to evaluate on."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where scores, confusion and metrics go.", show_default="RUN/eval-SPLIT"),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where scores, confusion and metrics go.", show_default="RUN/eval-SPLIT"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -182,9 +188,9 @@ def eval_cmd(
 
 def ensemble_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders or test_scores.npz files, one per stream."),
-    weights: Optional[str] = typer.Option(
+    weights: str | None = typer.Option(
         None, "--weights", help="One weight per run, comma-separated, e.g. 1,1,0.5,0.5.", show_default="all 1"),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Write fused scores, confusion and metrics here.", show_default="print only"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
@@ -228,24 +234,27 @@ def predict_cmd(
 
 def model_summary(
     num_classes: int = typer.Option(500, "--num-classes", min=1, help="Classifier outputs."),
-    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
-    preset: str = typer.Option("slr500", "--preset", help="Recipe whose width and frames to use: slr500, autsl or tiny."),
-    base_channels: Optional[int] = typer.Option(
+    frames: int | None = typer.Option(None, "--frames", min=4, help="Frames per clip.", show_default="the preset's"),
+    preset: str = typer.Option(
+        "slr500", "--preset", help="Recipe whose width and frames to use: slr500, autsl or tiny."),
+    base_channels: int | None = typer.Option(
         None, "--base-channels", min=4, help="CTR-GCN width of the first units.", show_default="the preset's"),
     text_dim: int = typer.Option(384, "--text-dim", min=1, help="Text-feature dimension (384 MiniLM, 512 CLIP)."),
-    layout: Optional[str] = typer.Option(
-        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.", show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
+    layout: str | None = typer.Option(
+        None, "--layout", help="Keypoint preset: gsp87, base27, masa49, cosign76.",
+        show_default="GSP_MC_KEYPOINT_PRESET, else gsp87"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Parameters per component and inference FLOPs per sample."""
-    from mc.keypoints import get_layout
+    from gsp.settings import get_settings
+    from mc.keypoints import get_layout, layout_from_settings
     from mc.model import GSPMCModel, flops_per_sample, model_config_for, parameter_counts
-    from mc.presets import get_preset
+    from mc.presets import get_recipe
 
     _check_names(preset=preset, layout=layout)
     try:
-        p = get_preset(preset)
-        lay = get_layout(layout)
+        p = get_recipe(preset)
+        lay = get_layout(layout) if layout is not None else layout_from_settings(get_settings().mc)
     except ValueError as exc:
         fail(str(exc))
     frames = frames or p.frames

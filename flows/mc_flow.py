@@ -4,12 +4,14 @@ publish a metrics table.
 Thin wiring: every step is :mod:`mc.text_features`, :mod:`mc.train` or :mod:`mc.evaluate`.
 Streams train one after another (one process owns the accelerator); each stream's run folder is
 ``<out>/<stream>`` and resumes from its last checkpoint when the flow is re-run.
+
+Settings are read here, once, by :meth:`mc.train.TrainConfig.from_settings`: a parameter left at
+None (preset, seed, device, num_workers) comes from ``GSP_MC_*``. Tasks get plain data (the
+config as a JSON-ready dict).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,22 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from mc.run_folder import RunFolder
+
 #: Default ensemble weights per stream (CTR-GCN's 4-stream fusion: joint/bone 1, motions 0.5).
 DEFAULT_STREAM_WEIGHTS = {"joint": 1.0, "bone": 1.0, "joint_motion": 0.5, "bone_motion": 0.5}
 
 
 @task(name="encode-texts", cache_policy=NO_CACHE)
-def encode_texts_task(descriptions: str) -> dict[str, Any]:
+def encode_texts_task(descriptions: str, text_encoder: dict[str, Any], text_cache: str) -> dict[str, Any]:
     """Encode the run's Tg/Ts/Tp once into the text-feature cache (training then only loads)."""
-    from mc.text_features import TextFeatureError, build_text_bank
+    from pydantic import TypeAdapter
 
+    from mc.text_features import EncoderSpec, TextFeatureError, build_text_bank
+
+    spec = TypeAdapter(EncoderSpec).validate_python(text_encoder)
     try:
-        summary = build_text_bank(descriptions).summary()
+        summary = build_text_bank(descriptions, spec, Path(text_cache)).summary()
     except TextFeatureError as exc:
         # A run with no usable text (e.g. every answer of the embedded model rejected by the
         # quality check) still trains: CE only, said here and recorded in the flow's result.
@@ -41,11 +48,10 @@ def encode_texts_task(descriptions: str) -> dict[str, Any]:
 def train_task(stream: str, config: dict[str, Any]) -> dict[str, Any]:
     from mc.train import train
 
-    # A fresh process per stream: in `gsp run`, training in the process that had just run the
-    # generation flow went 2.5x slower than the same training alone (cause not pinned down).
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        metrics = pool.submit(train, {**config, "stream": stream, "progress": False}).result()
+    # In-process. Training inside `gsp run` used to run 1.5-2.5x slower than alone: retrieval
+    # threads left alive after generation made libgomp stop spinning (see gsp.generate
+    # SignDescriber.search); never leave a thread that ran torch work alive while training here.
+    metrics = train({**config, "stream": stream, "progress": False})
     get_run_logger().info("%s: top1 %.4f top5 %.4f (%s epochs, %.0f s)", stream, metrics["top1"], metrics["top5"],
                           metrics["epochs"], metrics["seconds"])
     return {k: v for k, v in metrics.items() if k not in ("history", "per_class_accuracy", "skipped")}
@@ -69,23 +75,33 @@ def mc_flow(
     data: str,
     out: str,
     descriptions: str | None = None,
-    preset: str = "tiny",
+    preset: str | None = None,
     streams: list[str] | None = None,
     epochs: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     contrastive: bool = True,
     ablation: str = "all",
     weights: list[float] | None = None,
-    device: str = "auto",
+    device: str | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``streams`` (default: joint) on ``data`` with the descriptions, evaluate, ensemble."""
+    """Train ``streams`` (default: joint) on ``data`` with the descriptions, evaluate, ensemble.
+    ``preset``, ``seed``, ``device`` and ``num_workers`` default (None) to the ``GSP_MC_*`` settings."""
+    from gsp.settings import get_settings
+    from mc.train import TrainConfig
+
     streams = streams or ["joint"]
     out_dir = Path(out)
-    text = encode_texts_task(descriptions) if (descriptions and contrastive) else None
-    if text is not None and "error" in text:
-        contrastive = False
-    base = {"data": data, "descriptions": descriptions, "preset": preset, "epochs": epochs, "seed": seed,
-            "contrastive": contrastive, "ablation": ablation, "device": device}
+    # One config for every stream (stream and out are set per task); checked before any work.
+    cfg = TrainConfig.from_settings(get_settings(), data=data, out=out_dir, descriptions=descriptions,
+                                    preset=preset, epochs=epochs, seed=seed, contrastive=contrastive,
+                                    ablation=ablation, device=device, num_workers=num_workers)
+    base = cfg.model_dump(mode="json")
+    text = None
+    if cfg.uses_contrastive:
+        text = encode_texts_task(descriptions, base["text_encoder"], base["text_cache"])
+        if "error" in text:
+            base["contrastive"] = False
     results: dict[str, dict[str, Any]] = {}
     for stream in streams:
         results[stream] = train_task(stream, {**base, "out": str(out_dir / stream)})
@@ -104,6 +120,6 @@ def mc_flow(
         "ensemble": fused,
         "text_features": text,
         "table": rows,
-        "metrics_files": {s: str(out_dir / s / "metrics.json") for s in streams},
-        "exports": {s: str(out_dir / s / "export.pt") for s in streams},
+        "metrics_files": {s: str(RunFolder(out_dir / s).metrics) for s in streams},
+        "exports": {s: str(RunFolder(out_dir / s).export) for s in streams},
     }

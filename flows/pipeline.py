@@ -24,7 +24,7 @@ from gsp.schema import content_fingerprint
 def synth_task(out_path: str, samples_per_class: int, frames: int, seed: int) -> str:
     """Synthetic whole-body clips of the demo signs (the same source as the demo dictionary).
     Skipped when the file exists: it is deterministic in its arguments, which name the file."""
-    from mc.synthetic import write_synthetic_dataset
+    from demo.synthetic import write_synthetic_dataset
 
     path = Path(out_path)
     if path.is_file():
@@ -40,23 +40,35 @@ async def pipeline_flow(
     limit: int | None = None,
     samples_per_class: int = 24,
     synth_frames: int = 48,
-    preset: str = "tiny",
+    preset: str | None = None,
     streams: list[str] | None = None,
     epochs: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    synth_seed: int = 0,
 ) -> dict[str, Any]:
-    """The main job: every stage of GSP-MC, end to end, on the given vocabulary."""
+    """The main job: every stage of GSP-MC, end to end, on the given vocabulary. ``preset`` and
+    the training ``seed`` default (None) to ``GSP_MC_PRESET`` / ``GSP_MC_SEED``, and the device and
+    loader workers come from ``GSP_MC_DEVICE`` / ``GSP_MC_NUM_WORKERS`` (:func:`flows.mc_flow.mc_flow`);
+    ``synth_seed`` draws the synthetic clips."""
+    from gsp.settings import get_settings
+
+    mc_settings = get_settings().mc
+    preset = preset or mc_settings.preset
+    seed = mc_settings.seed if seed is None else seed
     artifacts = Path(artifacts_dir)
     # A failed description run raises RunFailed here, so nothing is trained on it.
     generated = await gsp_flow(vocab=vocab, limit=limit)
     data = synth_task(
-        str(artifacts / "skeletons" / f"demo-s{samples_per_class}-f{synth_frames}-seed{seed}.pkl"),
-        samples_per_class, synth_frames, seed,
+        str(artifacts / "skeletons" / f"demo-s{samples_per_class}-f{synth_frames}-seed{synth_seed}.pkl"),
+        samples_per_class, synth_frames, synth_seed,
     )
     # Keyed on what the descriptions say and how we train, so a re-run after a kill (whose
-    # generation is all cache hits) resumes the same training folder from its last checkpoint.
+    # generation is all cache hits) resumes the same training folder from its last checkpoint, and
+    # another seed never resumes (or reports) a run trained with a different one. Seed 0 adds
+    # nothing, so run folders made before the seed was a setting keep their names.
+    seed_key = f"|seed{seed}" if seed else ""
     fingerprint = hashlib.sha256(
-        f"{content_fingerprint(Path(generated['run_dir']))}|{Path(data).name}|{preset}|{epochs}".encode()
+        f"{content_fingerprint(Path(generated['run_dir']))}|{Path(data).name}|{preset}|{epochs}{seed_key}".encode()
     ).hexdigest()[:12]
     trained = mc_flow(
         data=data,

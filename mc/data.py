@@ -29,22 +29,24 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from gsp.atomic import atomic_path
-from mc.keypoints import NUM_WHOLEBODY, Layout, get_layout
+from gsp.errors import GspError
+from mc.keypoints import DEFAULT_KEYPOINT_SET, NUM_WHOLEBODY, Layout, get_layout
 from mc.transforms import STREAMS, TransformConfig, prepare
 
 log = logging.getLogger(__name__)
 
 
-class SampleError(ValueError):
+class SampleError(GspError, ValueError):
     """A sample (or a whole data file) is unusable; the message names it."""
 
 
@@ -475,7 +477,7 @@ class SkeletonDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[Sample],
-        layout: Layout | str | None = None,
+        layout: Layout | str = DEFAULT_KEYPOINT_SET,
         stream: str = "joint",
         frames: int = 64,
         train: bool = True,

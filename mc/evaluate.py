@@ -1,7 +1,7 @@
 """Evaluation: scores, top-k and per-class accuracy, confusion matrix, the 4-stream ensemble, the
 inference-only export and prediction on a keypoint file.
 
-Files (all written atomically):
+Files (all written atomically; their names and places are :mod:`mc.run_folder`'s):
 
 - ``test_scores.npz`` — ``scores`` (N, K) float32 logits, ``labels`` (N,), ``sample_ids`` (N,):
   what :func:`ensemble` fuses, aligned by sample id.
@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from gsp.atomic import atomic_path, claim_folder, write_json_atomic, write_text_atomic
+from gsp.atomic import atomic_path, write_json_atomic, write_text_atomic
+from gsp.errors import GspError
+from mc.device import amp_dtype, resolve_device
+from mc.keypoints import DEFAULT_KEYPOINT_SET, LayoutError, get_layout
 from mc.model import GSPMCModel, ModelConfig, SkeletonClassifier
+from mc.run_folder import CHECKPOINT_DIR, EXPORT_FILE, LAST_CHECKPOINT, RunFolder, ScoresFolder, claim_eval_folder
 
 EXPORT_FORMAT = "gsp-mc-export/1"
-SCORES_FILE = "test_scores.npz"
-CONFUSION_FILE = "confusion.csv"
-EXPORT_FILE = "export.pt"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(GspError, ValueError):
     pass
 
 
@@ -86,29 +87,15 @@ def predict_scores(model: torch.nn.Module, dataset, batch_size: int = 64, device
     device = torch.device(device)
     scores, labels = [], []
     for x, y, _ in loader:
-        with torch.autocast(device_type=device.type, dtype=_amp_dtype(device), enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=amp):
             logits = model(x.to(device, non_blocking=True))
         scores.append(logits.float().cpu().numpy())
         labels.append(np.asarray(y))
     return np.concatenate(scores).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    # float16 + GradScaler on CUDA; bfloat16 on CPU (no scaler needed, and CPU autocast supports it).
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-EVAL_MARKER = ".gsp-eval"
-
-
-def claim_eval_folder(out_dir: Path | str) -> Path:
-    """An evaluation or ensemble output folder: new, empty, or one we wrote before (its scores
-    file), never a user's folder whose same-named files would be replaced."""
-    return claim_folder(out_dir, EVAL_MARKER, "a gsp evaluation folder", lambda p: (p / SCORES_FILE).is_file())
-
-
 def save_scores(out_dir: Path, scores: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str]) -> Path:
-    target = Path(out_dir) / SCORES_FILE
+    target = ScoresFolder(out_dir).scores
     with atomic_path(target, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, scores=scores.astype(np.float32), labels=labels.astype(np.int64),
@@ -119,7 +106,7 @@ def save_scores(out_dir: Path, scores: np.ndarray, labels: np.ndarray, sample_id
 def load_scores(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     if path.is_dir():
-        path = path / SCORES_FILE
+        path = ScoresFolder(path).scores
     if not path.is_file():
         raise EvaluationError(f"{path}: no saved test scores (run `gsp train`/`gsp eval` first)")
     try:
@@ -136,7 +123,7 @@ def save_confusion(out_dir: Path, confusion: Sequence[Sequence[int]]) -> Path:
     writer.writerow(["true\\pred", *range(k)])
     for c, row in enumerate(confusion):
         writer.writerow([c, *row])
-    target = Path(out_dir) / CONFUSION_FILE
+    target = ScoresFolder(out_dir).confusion
     write_text_atomic(target, buf.getvalue())
     return target
 
@@ -184,10 +171,10 @@ def ensemble(score_sources: Sequence[Path], weights: Sequence[float] | None = No
     metrics["sources"] = [str(s) for s in score_sources]
     metrics["weights"] = weights
     if out_dir is not None:
-        out_dir = claim_eval_folder(out_dir)
-        save_scores(out_dir, total.astype(np.float32), base_labels, base_ids)
-        save_confusion(out_dir, metrics.pop("confusion"))
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        folder = claim_eval_folder(out_dir)
+        save_scores(folder.root, total.astype(np.float32), base_labels, base_ids)
+        save_confusion(folder.root, metrics.pop("confusion"))
+        write_json_atomic(folder.metrics, metrics)
     else:
         metrics.pop("confusion")
     return metrics
@@ -224,9 +211,10 @@ def _torch_load(path: Path, what: str) -> dict:
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunFolder(path).checkpoint
     if not path.is_file():
-        raise EvaluationError(f"{path}: checkpoint not found (a training run folder holds checkpoints/last.pt)")
+        raise EvaluationError(f"{path}: checkpoint not found (a training run folder holds "
+                              f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT})")
     ckpt = _torch_load(path, "gsp-mc training checkpoint")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
@@ -264,7 +252,7 @@ def export_inference(checkpoint: Path | Mapping, out_path: Path) -> Path:
         "state_dict": model.state_dict(),
         "stream": meta.get("stream", "joint"),
         "frames": int(meta.get("frames", 64)),
-        "layout": meta.get("layout", "gsp87"),
+        "layout": meta.get("layout", DEFAULT_KEYPOINT_SET),
         "labels": list(meta.get("labels", [])),
     }
     if meta.get("trained_labels") is not None:
@@ -277,7 +265,7 @@ def export_inference(checkpoint: Path | Mapping, out_path: Path) -> Path:
 def load_inference(path: Path) -> tuple[SkeletonClassifier, dict]:
     path = Path(path)
     if path.is_dir():
-        path = path / EXPORT_FILE
+        path = RunFolder(path).export
     if not path.is_file():
         raise EvaluationError(f"{path}: exported model not found")
     payload = _torch_load(path, "gsp-mc export")
@@ -320,15 +308,12 @@ def read_keypoint_file(path: Path) -> np.ndarray:
 @torch.no_grad()
 def predict_file(export: Path, keypoint_file: Path, topk: int = 5) -> list[dict]:
     """Top-k classes for one keypoint file with an exported model (centred test-time sampling)."""
-    from mc.keypoints import get_layout
     from mc.transforms import prepare
-
-    from mc.keypoints import LayoutError
 
     model, payload = load_inference(export)
     clip = read_keypoint_file(keypoint_file)
     try:
-        layout = get_layout(payload.get("layout", "gsp87"))
+        layout = get_layout(payload.get("layout", DEFAULT_KEYPOINT_SET))
     except LayoutError as exc:
         raise EvaluationError(f"{export}: not a usable gsp-mc export ({exc})") from None
     x = prepare(clip, layout, payload["stream"], payload["frames"], train=False)
@@ -369,11 +354,10 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     import json
 
     from mc.data import SkeletonDataset, load_samples
-    from mc.keypoints import get_layout
-    from mc.train import resolve_device
 
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir)
+    run = RunFolder(run_dir)
+    ckpt = load_checkpoint(run.checkpoint)
     meta = ckpt.get("meta", {})
     if data is None:
         try:
@@ -384,16 +368,17 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
             raise EvaluationError(f"{run_dir}: no --data given and the checkpoint does not record one")
         data = recorded_data_path(run_dir, recorded)
     data = Path(data)
-    model = model_from_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
+    model = model_from_checkpoint(ckpt, run.checkpoint)
     num_classes = model.cfg.num_classes
     samples = load_samples(data, split=split, skip_bad=skip_bad, num_classes=num_classes)
-    ds = SkeletonDataset(samples, get_layout(meta.get("layout")), stream=meta.get("stream", "joint"),
+    ds = SkeletonDataset(samples, get_layout(meta.get("layout", DEFAULT_KEYPOINT_SET)),
+                         stream=meta.get("stream", "joint"),
                          frames=int(meta.get("frames", 64)), train=False, num_classes=num_classes)
     dev = resolve_device(device)
     scores, labels = predict_scores(model.to(dev), ds, batch_size=batch_size, device=dev)
-    out = claim_eval_folder(Path(out) if out is not None else run_dir / f"eval-{split}")
-    metrics = write_eval_outputs(out, scores, labels, ds.sample_ids, num_classes)
+    folder = claim_eval_folder(Path(out) if out is not None else run.eval_dir(split))
+    metrics = write_eval_outputs(folder.root, scores, labels, ds.sample_ids, num_classes)
     metrics.update({"checkpoint_epoch": int(ckpt["epoch"]), "data": str(data), "split": split,
                     "stream": meta.get("stream"), "skipped": [list(s) for s in samples.skipped]})
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(folder.metrics, metrics)
     return metrics

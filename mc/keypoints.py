@@ -11,13 +11,13 @@ estimation gives):
 "Left"/"right" are the *signer's* left and right, as in COCO.
 
 A :class:`Layout` picks a subset of those points in contiguous part groups (paper section 3.1:
-body, left hand, right hand, mouth, face). Its graph is derived, not hand-listed per preset: one
+body, left hand, right hand, mouth, face). Its graph is derived, not hand-listed per set: one
 tree over all 133 points (:data:`PARENT_133`) plus a few rings (lips, eyes) is defined once, and a
-selected point's parent is its nearest *selected* ancestor in that tree. That keeps every preset's
+selected point's parent is its nearest *selected* ancestor in that tree. That keeps every set's
 bone stream and edge list consistent, and the horizontal flip comes from one mirror map
 (:data:`MIRROR_133`).
 
-Presets (the paper's Table 6 compares these point sets):
+Keypoint sets (:data:`KEYPOINT_SETS`; the paper's Table 6 compares these point sets):
 
 ``gsp87`` (default, 5 parts, 87 points):
     body 15 = COCO body 0-14 (nose, eyes, ears, shoulders, elbows, wrists, hips, knees; ankles
@@ -42,8 +42,9 @@ Presets (the paper's Table 6 compares these point sets):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
+from gsp.errors import GspError
 from gsp.schema import BODY_PARTS
 
 NUM_WHOLEBODY = 133
@@ -142,7 +143,7 @@ RINGS_133: tuple[tuple[int, ...], ...] = (
 )
 
 
-class LayoutError(ValueError):
+class LayoutError(GspError, ValueError):
     pass
 
 
@@ -159,17 +160,12 @@ class Layout:
     parents: list[int]
     edges: list[tuple[int, int]]
     flip_permutation: list[int]
-    shoulders: tuple[int, int]  # (left, right) node indices
+    shoulders: tuple[int, int]  # (left, right) node indices; their midpoint and distance normalise
     part_names: tuple[str, ...] = field(default=())
 
     @property
     def num_nodes(self) -> int:
         return len(self.indices)
-
-    @property
-    def center_nodes(self) -> tuple[int, int]:
-        """Nodes whose midpoint is the normalisation centre (the shoulders)."""
-        return self.shoulders
 
     @property
     def root_nodes(self) -> list[int]:
@@ -184,7 +180,7 @@ class Layout:
         return out
 
     @classmethod
-    def from_groups(cls, name: str, groups: dict[str, list[int]]) -> "Layout":
+    def from_groups(cls, name: str, groups: dict[str, list[int]]) -> Layout:
         """Build a layout from part name -> whole-body indices (parts in BODY_PARTS order)."""
         unknown = [g for g in groups if g not in BODY_PARTS]
         if unknown:
@@ -259,7 +255,7 @@ def _hand(hand0: int, full: bool = True) -> list[int]:
 
 _UPPER7 = [0, 5, 6, 7, 8, 9, 10]
 
-PRESETS: dict[str, dict[str, list[int]]] = {
+KEYPOINT_SETS: dict[str, dict[str, list[int]]] = {
     "gsp87": {
         "body": list(range(15)),
         "left_hand": _hand(LEFT_HAND0),
@@ -277,25 +273,28 @@ PRESETS: dict[str, dict[str, list[int]]] = {
         "face": _face(*range(17)),
     },
 }
-DEFAULT_PRESET = "gsp87"
+#: The default keypoint set (``GSP_MC_KEYPOINT_PRESET``'s default).
+DEFAULT_KEYPOINT_SET = "gsp87"
 
 
-def get_layout(name: str | None = None) -> Layout:
-    """The layout of a preset; ``None`` reads ``settings.mc.keypoint_preset``."""
-    source = "keypoint preset"
-    if name is None:
-        from gsp.settings import MCSettings, get_settings
+def get_layout(name: str, source: str = "keypoint preset") -> Layout:
+    """The layout of a keypoint set. Callers pass ``settings.mc.keypoint_preset`` or a recorded
+    name; ``source`` names where it came from in the error (e.g. the environment variable)."""
+    if name not in KEYPOINT_SETS:
+        from gsp.errors import did_you_mean
 
-        name = get_settings().mc.keypoint_preset
-        source = f"{MCSettings.env_name('keypoint_preset')} (mc.keypoint_preset)"
-    if name not in PRESETS:
-        from gsp.settings import did_you_mean
-
-        raise LayoutError(f"unknown {source} {name!r}{did_you_mean(name, PRESETS)}; "
-                          f"choose one of {', '.join(sorted(PRESETS))}")
-    return _preset_layout(name)
+        raise LayoutError(f"unknown {source} {name!r}{did_you_mean(name, KEYPOINT_SETS)}; "
+                          f"choose one of {', '.join(sorted(KEYPOINT_SETS))}")
+    return _layout_of(name)
 
 
-@lru_cache(maxsize=None)
-def _preset_layout(name: str) -> Layout:
-    return Layout.from_groups(name, PRESETS[name])
+def layout_from_settings(mc_settings) -> Layout:
+    """The layout named by an ``mc`` settings section (``GSP_MC_KEYPOINT_PRESET``); a bad name is
+    reported as that variable, so the user knows where to fix it."""
+    env = type(mc_settings).env_name("keypoint_preset")
+    return get_layout(mc_settings.keypoint_preset, source=f"{env} (mc.keypoint_preset)")
+
+
+@cache
+def _layout_of(name: str) -> Layout:
+    return Layout.from_groups(name, KEYPOINT_SETS[name])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mc.presets import DEFAULT_ALPHA, DEFAULT_TAU
+
 #: Table 5 rows: which text sets take part in the contrastive loss.
 ABLATIONS: dict[str, tuple[bool, bool, bool]] = {
     # name: (synonyms Ts, prompt Tg, multipart Tp)
@@ -36,7 +38,7 @@ def multi_positive_contrastive_loss(
     text: torch.Tensor,
     skeleton_labels: torch.Tensor,
     text_labels: torch.Tensor,
-    tau: float = 0.1,
+    tau: float = DEFAULT_TAU,
 ) -> torch.Tensor:
     """L_con(s, t) of eq. 10 for B skeleton features (B, D) and M text features (M, D).
 
@@ -99,7 +101,7 @@ def hierarchical_contrastive_loss(
     part_embeddings: dict[str, torch.Tensor],
     labels: torch.Tensor,
     texts: BatchTexts,
-    tau: float = 0.1,
+    tau: float = DEFAULT_TAU,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_con^multi of eq. 11: the mean of L_con(S_g, T_g), L_con(S_g, T_s) and L_con(S_p, T_p) for
     each part p with texts in the batch (N = the number of terms present).
@@ -111,7 +113,8 @@ def hierarchical_contrastive_loss(
     if texts.global_ is not None and len(texts.global_[1]):
         terms["Tg"] = multi_positive_contrastive_loss(global_embedding, texts.global_[0], labels, texts.global_[1], tau)
     if texts.synonyms is not None and len(texts.synonyms[1]):
-        terms["Ts"] = multi_positive_contrastive_loss(global_embedding, texts.synonyms[0], labels, texts.synonyms[1], tau)
+        terms["Ts"] = multi_positive_contrastive_loss(
+            global_embedding, texts.synonyms[0], labels, texts.synonyms[1], tau)
     for part, (feat, part_labels) in (texts.parts or {}).items():
         if len(part_labels) and part in part_embeddings:
             terms[f"Tp:{part}"] = multi_positive_contrastive_loss(part_embeddings[part], feat, labels, part_labels, tau)
@@ -121,6 +124,6 @@ def hierarchical_contrastive_loss(
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def composite_loss(cls_loss: torch.Tensor, con_loss: torch.Tensor | None, alpha: float = 0.5) -> torch.Tensor:
+def composite_loss(cls_loss: torch.Tensor, con_loss: torch.Tensor | None, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Eq. 12: L = L_cls + α·L_con^multi (α = 0.5 in the paper)."""
     return cls_loss if con_loss is None else cls_loss + alpha * con_loss

@@ -20,8 +20,8 @@ topology is learnable either way, so we keep the reference initialisation.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -123,7 +123,8 @@ class MultiScaleTemporalConv(nn.Module):
                 nn.MaxPool2d(kernel_size=(3, 1), stride=(stride, 1), padding=(1, 0)), nn.BatchNorm2d(bc),
             )
         )
-        branches.append(nn.Sequential(nn.Conv2d(in_channels, bc, kernel_size=1, stride=(stride, 1)), nn.BatchNorm2d(bc)))
+        branches.append(
+            nn.Sequential(nn.Conv2d(in_channels, bc, kernel_size=1, stride=(stride, 1)), nn.BatchNorm2d(bc)))
         self.branches = nn.ModuleList(branches)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -195,7 +196,8 @@ class UnitGCN(nn.Module):
         self.convs = nn.ModuleList([CTRGC(in_channels, out_channels) for _ in range(adjacency.shape[0])])
         self.residual = residual
         if residual and in_channels != out_channels:
-            self.down: nn.Module | None = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
+            self.down: nn.Module | None = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
             _conv_init(self.down[0])
             _bn_init(self.down[1], 1)
         else:
@@ -265,7 +267,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ModelConfig":
+    def from_dict(cls, d: Mapping) -> ModelConfig:
         d = dict(d)
         d["edges"] = [tuple(int(v) for v in e) for e in d["edges"]]
         d["parts"] = {str(k): [int(i) for i in v] for k, v in d["parts"].items()}

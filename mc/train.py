@@ -1,30 +1,36 @@
 """Training: ``train(config) -> metrics`` — CE (eq. 2) plus α·L_con^multi (eqs. 10–12).
 
-One function, usable without Prefect or the CLI. What it does:
+Usable without Prefect or the CLI, and laid out like nanoGPT's loop:
+
+- :func:`setup` — folder, device, seeds, data, text bank, model, optimizer, resume → :class:`TrainState`;
+- :func:`train_step` — one optimisation step on one batch (also what ``bench/train_step.py`` times);
+- :func:`run_epoch` — one epoch of steps, its record, TensorBoard scalars and a checkpoint;
+- :func:`finish` — test scores, confusion, ``metrics.json`` and ``export.pt``.
+
+What it guarantees:
 
 - Device auto-select (CUDA when present, else CPU); mixed precision on CUDA (float16 with a
-  GradScaler), optionally bfloat16 autocast on CPU (``amp=True``), so the AMP code path runs and
-  is tested on CPU too.
+  GradScaler), optionally bfloat16 autocast on CPU (``amp="on"``), so the AMP code path runs and
+  is tested on CPU too (:mod:`mc.device`).
 - Determinism: every epoch's shuffling, augmentation (``SkeletonDataset.set_epoch``), synonym
   sampling and dropout are seeded from ``(seed, epoch)``, and torch deterministic algorithms are on,
   so a run resumed from its last checkpoint ends with exactly the metrics of an uninterrupted run.
 - A checkpoint (model, optimizer, scaler, epoch, history) after every epoch, written atomically to
-  ``<out>/checkpoints/last.pt``; a re-run with the same ``out`` resumes from it (``resume=True``).
-- TensorBoard scalars under ``<out>/tb``, a rich progress bar with loss and accuracy.
-- At the end: test scores, confusion matrix, ``metrics.json`` (top1, top5, per-class accuracy,
-  epochs, seconds, …) and the inference-only ``export.pt`` in ``out``.
+  the run folder (:mod:`mc.run_folder`); a re-run with the same ``out`` resumes from it.
+- TensorBoard scalars, a rich progress bar with loss and accuracy.
+
+Entry points build the config from settings in one place, :meth:`TrainConfig.from_settings`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,18 +38,19 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 
-from gsp.atomic import atomic_path, claim_folder, write_json_atomic
-from mc.evaluate import EXPORT_FILE, EvaluationError, export_inference, load_checkpoint, predict_scores, write_eval_outputs
+from gsp.atomic import atomic_path, write_json_atomic
+from mc.data import SkeletonDataset, load_splits
+from mc.device import amp_dtype, amp_enabled, configure_determinism, resolve_device, seed_everything
+from mc.evaluate import EvaluationError, export_inference, load_checkpoint, predict_scores, write_eval_outputs
+from mc.keypoints import DEFAULT_KEYPOINT_SET, KEYPOINT_SETS, Layout, get_layout, layout_from_settings
 from mc.loss import ABLATIONS, composite_loss, hierarchical_contrastive_loss
 from mc.model import GSPMCModel, ModelConfig, model_config_for, parameter_counts
-from mc.presets import get_preset, learning_rate
+from mc.presets import DEFAULT_ALPHA, DEFAULT_TAU, get_recipe, learning_rate
+from mc.run_folder import RunFolder, check_run_folder, claim_run_folder
+from mc.text_features import EncoderSpec, TextBank, build_text_bank
+from mc.transforms import Stream, TransformConfig
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.pt"
-METRICS_FILE = "metrics.json"
-RUN_MARKER = ".gsp-run"
 
 
 class TrainConfig(BaseModel):
@@ -55,18 +62,21 @@ class TrainConfig(BaseModel):
     out: Path = Field(description="Run folder: checkpoints, tb/, test scores, metrics.json, export.pt.")
     descriptions: Path | None = Field(None, description="Description run (or descriptions root with LATEST).")
     preset: str = "tiny"
-    stream: Literal["joint", "bone", "joint_motion", "bone_motion"] = "joint"
+    stream: Stream = "joint"
     contrastive: bool = Field(True, description="False: the CE-only baseline even with descriptions.")
     ablation: str = Field("all", description=f"Which text sets the contrastive loss uses: {sorted(ABLATIONS)}.")
-    alpha: float = Field(0.5, ge=0, description="Eq. 12 weight of the contrastive loss.")
-    tau: float = Field(0.1, gt=0, description="Temperature of eqs. 7-8.")
+    alpha: float = Field(DEFAULT_ALPHA, ge=0, description="Eq. 12 weight of the contrastive loss.")
+    tau: float = Field(DEFAULT_TAU, gt=0, description="Temperature of eqs. 7-8.")
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=2)
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     base_channels: int | None = Field(None, ge=4)
     frames: int | None = Field(None, ge=4)
-    layout: str | None = Field(None, description="Keypoint preset; default settings.mc.keypoint_preset.")
+    layout: str = Field(DEFAULT_KEYPOINT_SET, description="Keypoint set (mc.keypoints.KEYPOINT_SETS).")
+    text_encoder: EncoderSpec = Field(default_factory=EncoderSpec, description="Frozen text encoder.")
+    text_cache: Path | None = Field(None, description="Text-feature cache root (settings.paths.cache); "
+                                    "needed when the run is contrastive.")
     train_split: str = "train"
     test_split: str = "test"
     skip_bad: bool = False
@@ -79,15 +89,36 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        get_preset(self.preset)
+    def _check(self) -> TrainConfig:
+        get_recipe(self.preset)
         if self.ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {sorted(ABLATIONS)}")
+        if self.layout not in KEYPOINT_SETS:
+            get_layout(self.layout)  # raises, naming the choices
+        if self.uses_contrastive and self.text_cache is None:
+            raise ValueError("a contrastive run needs text_cache (the text-feature cache root, "
+                             "settings.paths.cache); TrainConfig.from_settings sets it")
         return self
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> TrainConfig:
+        """The one place settings become a training config (``gsp train``, the ``mc`` flow and
+        ``gsp run`` all come through here): ``GSP_MC_PRESET``, ``GSP_MC_KEYPOINT_PRESET``,
+        ``GSP_MC_SEED``, ``GSP_MC_DEVICE``, ``GSP_MC_NUM_WORKERS``, the text-encoder settings and
+        the cache root of a ``gsp.settings.Settings``. ``overrides`` (a command's options) win;
+        an override of None means "from settings" (or the recipe's, for recipe fields)."""
+        mc = settings.mc
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "layout" not in given:
+            layout_from_settings(mc)  # checked here, so that a bad setting is named as its variable
+        base = {"preset": mc.preset, "layout": mc.keypoint_preset, "seed": mc.seed, "device": mc.device,
+                "num_workers": mc.num_workers, "text_encoder": EncoderSpec.from_settings(mc),
+                "text_cache": settings.paths.cache}
+        return cls(**{**base, **given})
 
     def recipe(self) -> dict:
         """The effective recipe: the preset with this config's overrides."""
-        p = get_preset(self.preset).model_dump()
+        p = get_recipe(self.preset).model_dump()
         for k in ("epochs", "batch_size", "lr", "weight_decay", "base_channels", "frames"):
             v = getattr(self, k)
             if v is not None:
@@ -99,37 +130,8 @@ class TrainConfig(BaseModel):
         return bool(self.contrastive and self.descriptions is not None and any(ABLATIONS[self.ablation]))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' → CUDA when available, else CPU; anything else as given (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
-def amp_enabled(setting: str, device: torch.device) -> bool:
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
-def _configure_determinism(device: torch.device) -> None:
-    # warn_only: a few CUDA kernels (index_add backward) have no deterministic variant; on CPU
-    # everything we use is deterministic.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
 
 
 def _progress(enabled: bool):
@@ -157,31 +159,99 @@ def _label_names(descriptions: Path | None, num_classes: int) -> list[str]:
     return names
 
 
-def train(config: TrainConfig | dict) -> dict:
-    """Train one stream; return (and write to ``<out>/metrics.json``) its test metrics."""
-    from mc.data import SkeletonDataset, load_splits
-    from mc.keypoints import get_layout
-    from mc.transforms import TransformConfig
+# --------------------------------------------------------------------------- one step
 
+
+@dataclass
+class Learner:
+    """What one optimisation step needs: the model, its optimizer and the loss settings. The bench
+    builds one without data or a run folder."""
+
+    model: GSPMCModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: bool = False
+    bank: TextBank | None = None  # None: CE only
+    switches: tuple[bool, bool, bool] = ABLATIONS["all"]
+    alpha: float = DEFAULT_ALPHA
+    tau: float = DEFAULT_TAU
+
+
+def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, text_gen: torch.Generator) -> dict:
+    """One step on one batch: forward (autocast when AMP is on), L = L_cls + α·L_con (eq. 12),
+    backward, optimizer step. Returns the batch's losses, correct count and size."""
+    device = learner.device
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=learner.amp):
+        outputs = learner.model.forward_train(x, with_embeddings=learner.bank is not None)
+    cls_loss = F.cross_entropy(outputs.logits.float(), y)
+    con_loss = None
+    if learner.bank is not None:
+        texts = learner.bank.batch_texts(y, text_gen, *learner.switches)
+        con_loss, _ = hierarchical_contrastive_loss(
+            outputs.global_embedding.float(), {k: v.float() for k, v in outputs.part_embeddings.items()},
+            y, texts, tau=learner.tau)
+    loss = composite_loss(cls_loss, con_loss, learner.alpha)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}; lower the lr")
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss).backward()
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    return {"loss": float(loss.detach()), "cls": float(cls_loss.detach()),
+            "con": float(con_loss.detach()) if con_loss is not None else 0.0,
+            "correct": int((outputs.logits.argmax(1) == y).sum()), "n": int(y.shape[0])}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class TrainState:
+    """Everything a run carries from setup through its epochs to the end."""
+
+    cfg: TrainConfig
+    recipe: dict
+    run: RunFolder
+    layout: Layout
+    train_ds: SkeletonDataset
+    test_ds: SkeletonDataset
+    skipped: dict[str, list]
+    num_classes: int
+    learner: Learner
+    model_cfg: ModelConfig
+    meta: dict
+    writer: Any  # torch.utils.tensorboard.SummaryWriter
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # training seconds over all sessions (from the checkpoint on resume)
+    samples_seen: int = 0  # this session only, for samples/s
+    train_time: float = 0.0  # this session only
+
+
+def setup(config: TrainConfig | dict) -> TrainState:
+    """Claim the run folder, seed, load and check the data, build the text bank, model and
+    optimizer, and resume from the folder's checkpoint when there is one."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
     # Recorded absolute so `gsp eval RUN` finds the data from any folder.
     cfg = cfg.model_copy(update={"data": Path(cfg.data).resolve()})
     recipe = cfg.recipe()
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
-    # Train only into a new or empty folder or one of our runs (marker, or a checkpoint from before
-    # the marker): never write over a user's folder.
-    claim_folder(out, RUN_MARKER, "a gsp training run", lambda p: (p / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file())
+    # Train only into a new or empty folder or one of our runs: never write over a user's folder.
+    # Checked first; created only once the data has passed its checks (a refused run leaves no folder).
+    check_run_folder(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     use_amp = amp_enabled(cfg.amp, device)
-    _configure_determinism(device)
+    configure_determinism(device)
     seed_everything(cfg.seed)
 
     layout = get_layout(cfg.layout)
     splits = load_splits(cfg.data, (cfg.train_split, cfg.test_split), skip_bad=cfg.skip_bad)
     train_samples, test_samples = splits[cfg.train_split], splits[cfg.test_split]
+    run = claim_run_folder(cfg.out)
     num_classes = int(max(max(s.label for s in train_samples), max(s.label for s in test_samples))) + 1
     train_ds = SkeletonDataset(train_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=True,
                                seed=cfg.seed, num_classes=num_classes,
@@ -191,11 +261,8 @@ def train(config: TrainConfig | dict) -> dict:
 
     bank = None
     if cfg.uses_contrastive:
-        from mc.text_features import build_text_bank
-
-        bank = build_text_bank(cfg.descriptions, num_classes=num_classes, progress=cfg.progress,
-                               classes=sorted({s.label for s in train_samples})).to(device)
-    switches = ABLATIONS[cfg.ablation]
+        bank = build_text_bank(cfg.descriptions, cfg.text_encoder, cfg.text_cache, num_classes=num_classes,
+                               progress=cfg.progress, classes=sorted({s.label for s in train_samples})).to(device)
 
     model_cfg = model_config_for(layout, num_classes, base_channels=recipe["base_channels"],
                                  text_dim=bank.dim if bank is not None else None, dropout=recipe["dropout"])
@@ -203,142 +270,168 @@ def train(config: TrainConfig | dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
                                 weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+    learner = Learner(model=model, optimizer=optimizer, scaler=scaler, device=device, amp=use_amp, bank=bank,
+                      switches=ABLATIONS[cfg.ablation], alpha=cfg.alpha, tau=cfg.tau)
     meta = {"stream": cfg.stream, "frames": recipe["frames"], "layout": layout.name,
             "labels": _label_names(cfg.descriptions, num_classes),
             # the classifier has max(label)+1 outputs; `gsp predict` ranks only classes that trained
             "trained_labels": sorted({int(s.label) for s in train_samples})}
 
-    start_epoch, history, seconds = 0, [], 0.0
-    if cfg.resume and ckpt_path.is_file():
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except EvaluationError as exc:
-            raise EvaluationError(f"{exc}; cannot resume from it: use --no-resume or another --out") from None
-        if ckpt.get("model_config") != model_cfg.to_dict():
-            raise RuntimeError(f"{ckpt_path}: checkpoint was made for a different model/data; "
-                               "use another --out or delete it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history, seconds = int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["seconds"])
-        log.info("resuming %s at epoch %d", out, start_epoch)
+    start_epoch, history, seconds = _resume(cfg, run, learner, model_cfg)
 
     from torch.utils.tensorboard import SummaryWriter
 
     # Scalars are logged per epoch (step = epoch number); on resume, drop events a killed run wrote
     # past its last checkpoint so curves do not fork.
-    writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+    writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch + 1 if start_epoch else None)
     if start_epoch == 0:
         writer.add_text("config", json.dumps(cfg.model_dump(mode="json"), indent=1), 0)
+    skipped = {"train": [list(x) for x in train_samples.skipped], "test": [list(x) for x in test_samples.skipped]}
+    return TrainState(cfg=cfg, recipe=recipe, run=run, layout=layout, train_ds=train_ds, test_ds=test_ds,
+                      skipped=skipped, num_classes=num_classes, learner=learner, model_cfg=model_cfg, meta=meta,
+                      writer=writer, start_epoch=start_epoch, history=history, seconds=seconds)
 
+
+def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: ModelConfig) -> tuple[int, list, float]:
+    """(start epoch, history, seconds) from the run's checkpoint, loaded into ``learner``; a fresh start without one."""
+    if not (cfg.resume and run.checkpoint.is_file()):
+        return 0, [], 0.0
+    try:
+        ckpt = load_checkpoint(run.checkpoint)
+    except EvaluationError as exc:
+        raise EvaluationError(f"{exc}; cannot resume from it: use --no-resume or another --out") from None
+    if ckpt.get("model_config") != model_cfg.to_dict():
+        raise RuntimeError(f"{run.checkpoint}: checkpoint was made for a different model/data; "
+                           "use another --out or delete it")
+    learner.model.load_state_dict(ckpt["model"])
+    learner.optimizer.load_state_dict(ckpt["optimizer"])
+    learner.scaler.load_state_dict(ckpt["scaler"])
+    log.info("resuming %s at epoch %d", run.root, int(ckpt["epoch"]))
+    return int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["seconds"])
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
+    """Train one (0-based) epoch; record it, log it and checkpoint. Returns the epoch's record."""
+    cfg, recipe, learner = state.cfg, state.recipe, state.learner
+    t0 = time.perf_counter()
+    lr = learning_rate(epoch, recipe["lr"], recipe["warmup_epochs"], recipe["milestones"], recipe["gamma"])
+    for group in learner.optimizer.param_groups:
+        group["lr"] = lr
+    # Everything random in an epoch is seeded from (seed, epoch), so a resumed run repeats it.
+    state.train_ds.set_epoch(epoch)
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))  # dropout etc.
+    shuffle_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 2))
+    text_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 3))
+    loader = DataLoader(state.train_ds, batch_size=recipe["batch_size"], shuffle=True, generator=shuffle_gen,
+                        drop_last=len(state.train_ds) >= recipe["batch_size"], num_workers=cfg.num_workers,
+                        pin_memory=learner.device.type == "cuda",
+                        # Workers start from a clean server process, not a fork of this one: forked
+                        # from a process running Prefect's threads they died with exit code 1.
+                        multiprocessing_context="forkserver" if cfg.num_workers else None,
+                        persistent_workers=False)
     epochs = recipe["epochs"]
-    samples_seen = 0
-    train_time = 0.0
-    with _progress(cfg.progress) as progress:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            lr = learning_rate(epoch, recipe["lr"], recipe["warmup_epochs"], recipe["milestones"], recipe["gamma"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_ds.set_epoch(epoch)
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))  # dropout etc.
-            shuffle_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 2))
-            text_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 3))
-            loader = DataLoader(train_ds, batch_size=recipe["batch_size"], shuffle=True, generator=shuffle_gen,
-                                drop_last=len(train_ds) >= recipe["batch_size"], num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda")
-            task = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=len(loader), stats="") if progress else None
-            model.train()
-            sums = {"loss": 0.0, "cls": 0.0, "con": 0.0, "correct": 0, "n": 0}
-            for step, (x, y, _) in enumerate(loader):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                                    enabled=use_amp):
-                    outputs = model.forward_train(x, with_embeddings=bank is not None)
-                cls_loss = F.cross_entropy(outputs.logits.float(), y)
-                con_loss = None
-                if bank is not None:
-                    texts = bank.batch_texts(y, text_gen, *switches)
-                    con_loss, _ = hierarchical_contrastive_loss(
-                        outputs.global_embedding.float(), {k: v.float() for k, v in outputs.part_embeddings.items()},
-                        y, texts, tau=cfg.tau)
-                loss = composite_loss(cls_loss, con_loss, cfg.alpha)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()}; lower the lr")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                bs = int(y.shape[0])
-                sums["loss"] += float(loss.detach()) * bs
-                sums["cls"] += float(cls_loss.detach()) * bs
-                sums["con"] += float(con_loss.detach()) * bs if con_loss is not None else 0.0
-                sums["correct"] += int((outputs.logits.argmax(1) == y).sum())
-                sums["n"] += bs
-                if progress is not None:
-                    progress.update(task, advance=1, stats=f"loss {sums['loss'] / sums['n']:.3f} "
-                                                          f"acc {sums['correct'] / sums['n']:.3f} lr {lr:.4g}")
-            dt = time.perf_counter() - t0
-            train_time += dt
-            samples_seen += sums["n"]
-            n = max(sums["n"], 1)
-            record = {"epoch": epoch + 1, "lr": lr, "loss": sums["loss"] / n, "cls_loss": sums["cls"] / n,
-                      "con_loss": sums["con"] / n, "train_top1": sums["correct"] / n, "seconds": dt}
-            history.append(record)
-            seconds += dt
-            for k in ("loss", "cls_loss", "con_loss", "train_top1", "lr"):
-                writer.add_scalar(f"train/{k}", record[k], epoch + 1)
-            _save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, history, seconds, model_cfg, cfg, meta)
+    task = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=len(loader), stats="") if progress else None
+    learner.model.train()
+    sums = {"loss": 0.0, "cls": 0.0, "con": 0.0, "correct": 0, "n": 0}
+    for step, (x, y, _) in enumerate(loader):
+        try:
+            out = train_step(learner, x, y, text_gen)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"epoch {epoch + 1} step {step}: {exc}") from None
+        for k in ("loss", "cls", "con"):  # per-sample sums, so the epoch mean weighs every sample alike
+            sums[k] += out[k] * out["n"]
+        sums["correct"] += out["correct"]
+        sums["n"] += out["n"]
+        if progress is not None:
+            progress.update(task, advance=1, stats=f"loss {sums['loss'] / sums['n']:.3f} "
+                                                  f"acc {sums['correct'] / sums['n']:.3f} lr {lr:.4g}")
+    dt = time.perf_counter() - t0
+    state.train_time += dt
+    state.samples_seen += sums["n"]
+    n = max(sums["n"], 1)
+    record = {"epoch": epoch + 1, "lr": lr, "loss": sums["loss"] / n, "cls_loss": sums["cls"] / n,
+              "con_loss": sums["con"] / n, "train_top1": sums["correct"] / n, "seconds": dt}
+    state.history.append(record)
+    state.seconds += dt
+    for k in ("loss", "cls_loss", "con_loss", "train_top1", "lr"):
+        state.writer.add_scalar(f"train/{k}", record[k], epoch + 1)
+    _save_checkpoint(state, epoch + 1)
+    return record
 
+
+def _save_checkpoint(state: TrainState, epoch: int) -> None:
+    learner = state.learner
+    payload = {
+        "model": learner.model.state_dict(),
+        "optimizer": learner.optimizer.state_dict(),
+        "scaler": learner.scaler.state_dict(),
+        "epoch": epoch,
+        "history": state.history,
+        "seconds": state.seconds,
+        "model_config": state.model_cfg.to_dict(),
+        "train_config": json.dumps(state.cfg.model_dump(mode="json")),
+        "meta": state.meta,
+    }
+    with atomic_path(state.run.checkpoint, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def finish(state: TrainState) -> dict:
+    """Evaluate on the test split; write scores, confusion, ``export.pt`` and ``metrics.json``."""
+    cfg, recipe, learner, run = state.cfg, state.recipe, state.learner, state.run
+    epochs = recipe["epochs"]
     t_eval = time.perf_counter()
-    scores, labels = predict_scores(model, test_ds, batch_size=recipe["batch_size"], device=device, amp=use_amp)
-    metrics = write_eval_outputs(out, scores, labels, test_ds.sample_ids, num_classes)
+    scores, labels = predict_scores(learner.model, state.test_ds, batch_size=recipe["batch_size"],
+                                    device=learner.device, amp=learner.amp)
+    metrics = write_eval_outputs(run.root, scores, labels, state.test_ds.sample_ids, state.num_classes)
     eval_seconds = time.perf_counter() - t_eval
-    writer.add_scalar("test/top1", metrics["top1"], epochs)
-    writer.add_scalar("test/top5", metrics["top5"], epochs)
-    writer.close()
-    export_inference(ckpt_path, out / EXPORT_FILE)
+    state.writer.add_scalar("test/top1", metrics["top1"], epochs)
+    state.writer.add_scalar("test/top5", metrics["top5"], epochs)
+    state.writer.close()
+    export_inference(run.checkpoint, run.export)
 
+    bank = learner.bank
     metrics.update({
         "epochs": epochs,
-        "seconds": round(seconds + eval_seconds, 3),
-        "train_seconds": round(seconds, 3),
-        "train_samples_per_s": round(samples_seen / train_time, 2) if train_time > 0 else None,
+        "seconds": round(state.seconds + eval_seconds, 3),
+        "train_seconds": round(state.seconds, 3),
+        "train_samples_per_s": round(state.samples_seen / state.train_time, 2) if state.train_time > 0 else None,
         "stream": cfg.stream,
         "preset": cfg.preset,
+        "layout": state.layout.name,
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()},
         "contrastive": bank is not None,
         "ablation": cfg.ablation if bank is not None else "ce",
         "alpha": cfg.alpha,
         "tau": cfg.tau,
-        "num_classes": num_classes,
-        "train_samples": len(train_ds),
-        "test_samples": len(test_ds),
-        "skipped": {"train": [list(x) for x in train_samples.skipped], "test": [list(x) for x in test_samples.skipped]},
-        "device": str(device),
-        "amp": use_amp,
-        "parameters": parameter_counts(model),
+        "seed": cfg.seed,
+        "num_classes": state.num_classes,
+        "train_samples": len(state.train_ds),
+        "test_samples": len(state.test_ds),
+        "skipped": state.skipped,
+        "device": str(learner.device),
+        "device_setting": cfg.device,
+        "num_workers": cfg.num_workers,
+        "amp": learner.amp,
+        "parameters": parameter_counts(learner.model),
         "text_bank": bank.summary() if bank is not None else None,
-        "history": history,
-        "resumed_from_epoch": start_epoch or None,
+        "history": state.history,
+        "resumed_from_epoch": state.start_epoch or None,
     })
-    write_json_atomic(out / METRICS_FILE, metrics)
+    write_json_atomic(run.metrics, metrics)
     return metrics
 
 
-def _save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, history: list, seconds: float,
-                     model_cfg: ModelConfig, cfg: TrainConfig, meta: dict) -> None:
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "seconds": seconds,
-        "model_config": model_cfg.to_dict(),
-        "train_config": json.dumps(cfg.model_dump(mode="json")),
-        "meta": meta,
-    }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+def train(config: TrainConfig | dict) -> dict:
+    """Train one stream; return (and write to the run's ``metrics.json``) its test metrics."""
+    state = setup(config)
+    with _progress(state.cfg.progress) as progress:
+        for epoch in range(state.start_epoch, state.recipe["epochs"]):
+            run_epoch(state, epoch, progress)
+    return finish(state)

@@ -16,12 +16,15 @@ The pipeline a dataset item goes through is :func:`prepare`: select the layout's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
 from mc.keypoints import Layout
 
-STREAMS: tuple[str, ...] = ("joint", "bone", "joint_motion", "bone_motion")
+#: The four input streams (joint, bone = child − parent, and their frame differences).
+Stream = Literal["joint", "bone", "joint_motion", "bone_motion"]
+STREAMS: tuple[str, ...] = get_args(Stream)
 
 
 @dataclass(frozen=True)

