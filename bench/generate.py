@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import subprocess  # noqa: E402
 
-from gsp.llm.server import free_port, stop_process, wait_until_ready  # noqa: E402
 from gsp.generate import generate_descriptions  # noqa: E402
+from gsp.llm.server import free_port, stop_process, wait_until_ready  # noqa: E402
 from gsp.settings import Settings  # noqa: E402
 
 CALLS_PER_SIGN = 4  # P1, P2, P3, P4

@@ -47,7 +47,7 @@ def main() -> None:
                 with open(kb_dir / f"{pdf.stem}-{i}.pdf", "wb") as fh:
                     writer.write(fh)
         t0 = time.perf_counter()
-        report = ingest(kb_dir, tmp / "index")
+        report = ingest(kb_dir, tmp / "index", kb)
         ingest_s = time.perf_counter() - t0
 
         chunks = pq.read_table(tmp / "index" / CHUNKS_FILE).to_pandas()

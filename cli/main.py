@@ -3,24 +3,48 @@ registers its commands with ``register(app)``."""
 
 from __future__ import annotations
 
-import sys
-
 import typer
 from typer.core import TyperGroup
 
 from cli import demo, generate, kb, run, training
-from cli.common import fail
+from cli.common import check_named_settings
+from gsp.errors import GspError
 
 HELP_REQUESTED = "gsp.help_requested"
 
 
+def user_error_exit(exc: GspError) -> typer.Exit:
+    """Print a user-facing error as its one line on stderr; the exit to raise (the error's
+    ``exit_code``: 2 for anything the user gave wrong, 1 for a failed description run)."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    return typer.Exit(exc.exit_code)
+
+
 class _Group(TyperGroup):
-    """Notes whether ``--help`` is among the arguments: click runs the group callback (which reads
-    the settings) before a subcommand parses its own ``--help``, and help must work with a broken config."""
+    """The root group. Every command runs inside :meth:`invoke`, so a :class:`GspError` from any
+    of them (or from reading the settings) ends as one line and its exit status here,
+    once, also under typer's test runner. It also notes whether ``--help`` is among the arguments:
+    click runs the group callback (which reads the settings) before a subcommand parses its own
+    ``--help``, and help must work with a broken config."""
 
     def parse_args(self, ctx, args):
         ctx.meta[HELP_REQUESTED] = "--help" in args
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GspError as exc:
+            raise user_error_exit(exc) from None
+        except typer.TyperException as exc:
+            # A bad option value or a missing argument of a subcommand (typer's UsageError, exit 2):
+            # one line, like every other user mistake, instead of the usage box.
+            if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+                raise
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+            typer.secho(f"error: {exc.format_message().splitlines()[0]}{where}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -31,18 +55,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-#: Errors that mean the user gave something wrong (a setting, a file, a name): their message is
-#: one line naming it, so the CLI prints that line and exits 2 instead of a traceback. Named as
-#: "module:class" and matched only when the module is already imported, so `gsp --help` does not
-#: import torch to build this list.
-USER_ERRORS = (
-    "gsp.settings:SettingsError",
-    "mc.keypoints:LayoutError",
-    "mc.evaluate:EvaluationError",
-    "mc.data:SampleError",
-)
-
 
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -59,31 +71,19 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-def is_user_error(exc: BaseException) -> bool:
-    for spec in USER_ERRORS:
-        module_name, class_name = spec.split(":")
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(exc, getattr(module, class_name)):
-            return True
-    return False
-
-
 @app.callback()
 def _root(
     ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the package version and exit."),
 ) -> None:
-    from gsp.settings import SettingsError, get_settings
+    from gsp.settings import get_settings
 
     if ctx.resilient_parsing or ctx.meta.get(HELP_REQUESTED):  # completion and help need no settings
         return
-    # Settings are read lazily deep inside commands (and inside Prefect tasks); reading them
-    # here first turns a bad config into one line before any work starts.
-    try:
-        get_settings()
-    except SettingsError as exc:
-        fail(str(exc))
+    # Reading the settings here first turns a bad config into one line (a SettingsError, caught
+    # by _Group.invoke) before any work starts.
+    check_named_settings(get_settings())
 
 
 # Each command group registers its commands the same way: module-level functions, `register(app)`.
@@ -92,14 +92,7 @@ for _group in (kb, generate, training, demo, run):
 
 
 def main() -> None:
-    try:
-        app()
-    except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        typer.secho(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                    fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

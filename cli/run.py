@@ -8,26 +8,29 @@ the tiny preset → evaluation; then a table of where every artifact landed.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-
-from flows import use_local_prefect
 from rich.markup import escape
 from rich.table import Table
+
+from cli.common import fail
+from flows import use_local_prefect
+
+if TYPE_CHECKING:
+    from gsp.settings import KnowledgeBaseSettings
 
 console = Console(stderr=True)
 SAMPLE_GLOSS = "love"
 
 
-def _print_search(index_dir: Path, query: str, k: int = 3) -> None:
-    from gsp.retrieval import Retriever
+def _print_search(index_dir: Path, query: str, kb: KnowledgeBaseSettings, k: int = 3) -> None:
+    from gsp.retrieval import HybridRetriever
 
-    hits = Retriever.load(index_dir).search(query, k=k)
+    hits = HybridRetriever.load(index_dir, kb).search(query, k=k)
     table = Table(title=f"knowledge base: top {k} for {query!r}")
     for col in ("#", "headword", "citation", "score", "text"):
         table.add_column(col)
@@ -38,10 +41,11 @@ def _print_search(index_dir: Path, query: str, k: int = 3) -> None:
 
 
 def run_cmd(
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary CSV (default: the demo vocabulary)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Describe only the first N signs."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the preset's)."),
-    samples_per_class: int = typer.Option(24, "--samples-per-class", min=8, help="Synthetic clips per sign (8 signers, 2 of them test)."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="Vocabulary CSV (default: the demo vocabulary)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Describe only the first N signs."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the preset's)."),
+    samples_per_class: int = typer.Option(
+        24, "--samples-per-class", min=8, help="Synthetic clips per sign (8 signers, 2 of them test)."),
     streams: str = typer.Option("joint", "--streams", help="Comma-separated: joint,bone,joint_motion,bone_motion."),
     search: str = typer.Option(SAMPLE_GLOSS, "--search", help="Gloss to look up after ingest."),
 ) -> None:
@@ -53,28 +57,14 @@ def run_cmd(
     settings = get_settings()
     vocab_path = vocab or settings.paths.kb_dir / "demo_vocab.csv"
     if not Path(vocab_path).is_file():
-        console.print(f"[red]error:[/red] vocabulary not found: {escape(str(vocab_path))}", soft_wrap=True)
-        raise typer.Exit(2)
-    from mc.transforms import STREAMS
+        fail(f"vocabulary not found: {vocab_path}")
+    stream_list = _stream_names(streams)  # checked before anything runs: a typo must not cost a generation
 
-    stream_list = [s.strip() for s in streams.split(",") if s.strip()]
-    unknown = [s for s in stream_list if s not in STREAMS]
-    if unknown or not stream_list:
-        # checked before anything runs: a typo must not cost a whole generation first
-        console.print(f"[red]error:[/red] --streams {escape(streams)!r}: unknown {escape(', '.join(unknown)) or 'empty'}; "
-                      f"choose from {', '.join(STREAMS)}", soft_wrap=True)
-        raise typer.Exit(2)
     console.rule("[bold]1/3 knowledge base")
-    from gsp.atomic import UnsafePathError
-
-    try:
-        report = run_ingest(None, None)
-    except (FileNotFoundError, UnsafePathError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+    report = run_ingest(None, None)
     if report.failed:
         console.print(f"[yellow]{len(report.failed)} document(s) failed; continuing with the rest[/yellow]")
-    _print_search(report.index_dir, search)
+    _print_search(report.index_dir, search, settings.kb)
 
     console.rule("[bold]2/3 descriptions, skeletons, training (Prefect flow gsp-mc)")
     if not settings.llm.base_url:
@@ -82,33 +72,36 @@ def run_cmd(
     use_local_prefect()
     from flows.gsp_flow import hide_expected_failures
     from flows.pipeline import pipeline_flow
+    from gsp.generate import RunFailed
 
-    from gsp.generate import GenerationError, RunFailed
-    from gsp.llm.client import FatalLLMError
-    from gsp.llm.server import LocalServerError
-    from gsp.prompts import PromptError
-    from gsp.vocab import VocabError
-    from mc.data import SampleError
-
-    hide_expected_failures((VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError,
-                            SampleError, UnsafePathError, RunFailed))
+    hide_expected_failures()
     try:
         result = asyncio.run(pipeline_flow(
             vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
             samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
             streams=stream_list,
         ))
-    except (VocabError, PromptError, GenerationError, FatalLLMError, LocalServerError, SampleError,
-            UnsafePathError) as exc:
-        # Bad input or a refused endpoint: one clear line, not a traceback.
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
     except RunFailed as exc:
-        # The descriptions failed: training on them would be training on nothing.
-        console.print(f"[red]error:[/red] {escape(str(exc))}; stopped before training", soft_wrap=True)
-        raise typer.Exit(1)
+        # The descriptions failed: training on them would be training on nothing. Any other
+        # GspError (bad input, a refused endpoint) is one line from cli.main as it is.
+        raise RunFailed(f"{exc}; stopped before training") from None
 
     console.rule("[bold]3/3 summary")
+    _print_summary(result, report.index_dir, time.perf_counter() - t0)
+
+
+def _stream_names(streams: str) -> list[str]:
+    from mc.transforms import STREAMS
+
+    names = [s.strip() for s in streams.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STREAMS]
+    if unknown or not names:
+        fail(f"--streams {streams!r}: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(STREAMS)}")
+    return names
+
+
+def _print_summary(result: dict, index_dir: Path, seconds: float) -> None:
+    """The descriptions' summary, the test metrics, and where every artifact landed."""
     gen, trained = result["descriptions"], result["training"]
     console.print(gen["summary"])
     metrics = Table(title="test metrics")
@@ -119,12 +112,12 @@ def run_cmd(
                         f"{m['top5']:.3f}", str(m["epochs"]), f"{m['seconds']:.0f}")
     if trained.get("ensemble"):
         e = trained["ensemble"]
-        metrics.add_row("ensemble", f"{e['top1']:.3f}", f"{e['top5']:.3f}", "", "")
+        metrics.add_row("ensemble", "", f"{e['top1']:.3f}", f"{e['top5']:.3f}", "", "")
     Console().print(metrics)
-    where = Table(title=f"artifacts ({time.perf_counter() - t0:.0f} s)")
+    where = Table(title=f"artifacts ({seconds:.0f} s)")
     where.add_column("what")
     where.add_column("path", overflow="fold")
-    where.add_row("knowledge-base index", str(report.index_dir))
+    where.add_row("knowledge-base index", str(index_dir))
     where.add_row("descriptions (Tb/Ts/Tg/Tp parquet)", gen["run_dir"])
     where.add_row("synthetic skeletons (pyskl)", result["skeletons"])
     for name, path in trained["metrics_files"].items():

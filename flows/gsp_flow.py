@@ -1,71 +1,66 @@
 """The Prefect flow ``gsp``: ingest the knowledge base (incremental), then generate the sign
 descriptions P1–P4 in batches of signs, then write the run and publish a summary.
 
-Thin wiring: every step is a function of :mod:`gsp.generate` (usable without Prefect). The flow is
-async so that all batch tasks share one event loop, one LLM client and therefore one set of
-concurrency and rate limits. A run with too many failed rows is written and reported, then the
-flow raises :class:`gsp.generate.RunFailed`, so the flow run ends Failed and a deployment alarms.
+Thin wiring around :mod:`gsp.generate` (usable without Prefect). Tasks take and return plain data:
+the plan as a dict (:meth:`gsp.generate.RunPlan.to_dict`), label lists, row dicts, paths, and the
+id of the generation session the flow opened. The flow is async and opens one
+:func:`gsp.generate.generation_session`, so all batch tasks share one event loop, one LLM client
+and therefore one set of concurrency and rate limits. A run with too many failed rows is written
+and reported, then the flow raises :class:`gsp.generate.RunFailed`, so the flow run ends Failed
+and a deployment alarms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from flows.ingest import ingest_task
-from gsp.generate import (
-    BatchResult,
-    RunPlan,
-    RunFailed,
-    describe_batch,
-    finalize_run,
-    llm_endpoint,
-    prepare_run,
-)
-from gsp.llm.cache import ResponseCache
-from gsp.llm.client import LLMClient
+from gsp.errors import GspError
+from gsp.generate import RunFailed, describe_planned, finalize_planned, generation_session, open_session, prepare_run
 from gsp.schema import KINDS, STATUS_OK
 from gsp.settings import Settings
 
 
 class _HideExpectedFailures(logging.Filter):
-    """Console only: drops Prefect's records of an expected failure (its traceback, and the
-    "Finished in state Failed(...)" repeat of the message), which the CLI prints as one line.
-    The API log handler has no such filter, so the flow run's logs in Prefect keep everything."""
-
-    def __init__(self, expected: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.expected = expected
-        names: set[str] = set()
-        todo = list(expected)
-        while todo:
-            cls = todo.pop()
-            names.add(cls.__name__)
-            todo.extend(cls.__subclasses__())
-        self.names = tuple(f"{n}{sep}" for n in names for sep in (":", "("))
+    """Console only: drops Prefect's records of an expected failure, a :class:`GspError` (its
+    traceback, and the "Finished in state Failed(...)" repeat of the message), which the CLI
+    prints as one line. The API log handler has no such filter, so the flow run's logs in Prefect
+    keep everything."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            return not isinstance(exc, self.expected)
+            return not isinstance(exc, GspError)
         message = record.getMessage()
-        return not any(n in message for n in self.names)
+        return not any(f"{name}{sep}" in message for name in _error_names() for sep in (":", "("))
 
 
-def hide_expected_failures(expected: tuple[type[BaseException], ...]) -> None:
-    """Keep Prefect from printing a traceback for failures the CLI reports as one line (bad
-    input, an unreachable endpoint, a failed description run). Call after importing the flows."""
+def _error_names() -> set[str]:
+    """GspError and every subclass imported so far (a flow may import mc's errors after the
+    filter is installed, so they are looked up when a record comes)."""
+    names: set[str] = set()
+    todo: list[type[BaseException]] = [GspError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def hide_expected_failures() -> None:
+    """Keep Prefect from printing a traceback for failures the CLI reports as one line (every
+    :class:`gsp.errors.GspError`: bad input, an unreachable endpoint, a failed description run).
+    Call after importing the flows."""
     from prefect.logging.handlers import APILogHandler
 
-    quiet = _HideExpectedFailures(expected)
+    quiet = _HideExpectedFailures()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, APILogHandler):
@@ -82,35 +77,34 @@ def build_settings(*, base_url: str | None = None, model: str | None = None, str
     return Settings(llm=llm, paths=paths)
 
 
-@task(name="plan-description-run", cache_policy=NO_CACHE)
-def plan_task(vocab: str, settings: Settings, index_dir: str | None, use_index: bool, out_dir: str | None,
-              labels: list[int] | None, limit: int | None) -> RunPlan:
-    plan = prepare_run(vocab, settings=settings, index_dir=Path(index_dir) if index_dir else None,
-                       use_index=use_index, out_dir=Path(out_dir) if out_dir else None, labels=labels, limit=limit)
+@task(name="plan-description-run")
+def plan_task(vocab: str, settings: dict[str, Any], index_dir: str | None, use_index: bool, out_dir: str | None,
+              labels: list[int] | None, limit: int | None) -> dict[str, Any]:
+    plan = prepare_run(vocab, settings=Settings(**settings), index_dir=index_dir, use_index=use_index,
+                       out_dir=out_dir, labels=labels, limit=limit)
     get_run_logger().info("run %s: %d sign(s) from %s", plan.run_id, len(plan.entries), vocab)
-    return plan
+    return plan.to_dict()
 
 
-@task(name="generate-batch", cache_policy=NO_CACHE, task_run_name="generate-batch-{index:03d}")
-async def batch_task(plan: RunPlan, client: LLMClient, entries: list, index: int) -> BatchResult:
-    result = await describe_batch(plan, client, entries)
-    failed = sum(r["status"] != STATUS_OK for rows in result.rows.values() for r in rows)
-    get_run_logger().info("batch %d: labels %d–%d, %d failed row(s)", index, entries[0].label,
-                          entries[-1].label, failed)
+@task(name="generate-batch", task_run_name="generate-batch-{index:03d}")
+async def batch_task(session_id: str, plan: dict[str, Any], labels: list[int], index: int) -> dict[str, Any]:
+    result = await describe_planned(plan, labels, session_id)
+    failed = sum(r["status"] != STATUS_OK for rows in result["rows"].values() for r in rows)
+    get_run_logger().info("batch %d: labels %d–%d, %d failed row(s)", index, labels[0], labels[-1], failed)
     return result
 
 
-@task(name="write-description-run", cache_policy=NO_CACHE)
-def write_task(plan: RunPlan, result: BatchResult, client: LLMClient, is_local: bool) -> dict[str, Any]:
-    run = finalize_run(plan, result, client, is_local=is_local)
+@task(name="write-description-run")
+def write_task(session_id: str, plan: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
+    run = finalize_planned(plan, batches, open_session(session_id))
     get_run_logger().info("%s", run.summary())
     return {"run_dir": str(run.run_dir), "manifest": run.manifest, "failed": run.failed, "summary": run.summary(),
             "run_failed": run.run_failed, "failure_line": run.failure_line(),
-            "manifest_path": str(run.manifest_path)}
+            "manifest_path": str(run.manifest_path), "samples": _samples(batches)}
 
 
-@task(name="publish-report", cache_policy=NO_CACHE)
-def publish_task(written: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+@task(name="publish-report")
+def publish_task(written: dict[str, Any]) -> None:
     m = written["manifest"]
     table = []
     for kind in KINDS:
@@ -127,7 +121,7 @@ def publish_task(written: dict[str, Any], samples: list[dict[str, Any]]) -> None
                                  description=f"Description run {m['run_id']} FAILED")
         return
     lines = [f"# Description run `{m['run_id']}`", "", f"Written to `{written['run_dir']}`.", ""]
-    for s in samples:
+    for s in written["samples"]:
         lines += [f"## {s['label']} · {s['gloss']}", ""]
         for kind in ("Tb", "Tg"):
             if s.get(kind):
@@ -148,12 +142,12 @@ def _failure_markdown(written: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _samples(result: BatchResult, n: int = 3) -> list[dict[str, Any]]:
-    labels = sorted({r["label"] for r in result.rows["Tg"] if r["status"] == STATUS_OK})[:n]
+def _samples(batches: list[dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
+    """A few signs with every text ok, for the report."""
+    rows = {kind: [r for b in batches for r in b["rows"][kind] if r["status"] == STATUS_OK] for kind in KINDS}
     out = []
-    for label in labels:
-        pick = {kind: [r for r in result.rows[kind] if r["label"] == label and r["status"] == STATUS_OK]
-                for kind in KINDS}
+    for label in sorted({r["label"] for r in rows["Tg"]})[:n]:
+        pick = {kind: [r for r in rows[kind] if r["label"] == label] for kind in KINDS}
         out.append({"label": label, "gloss": pick["Tg"][0]["gloss"],
                     "Tb": pick["Tb"][0]["text"] if pick["Tb"] else None, "Tg": pick["Tg"][0]["text"],
                     "Tp": [{"text": r["text"], "body_parts": list(r["body_parts"])} for r in pick["Tp"]]})
@@ -173,25 +167,18 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
     settings = build_settings(base_url=base_url, model=model, structured_output=structured_output,
                               concurrency=concurrency, synonyms=synonyms)
     if use_index and ingest:
-        report = ingest_task(kb_dir, index_dir)
+        report = ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
+                             settings.kb.model_dump(mode="json"))
         index_dir = report["index_dir"]
-    plan = plan_task(vocab, settings, index_dir, use_index, out_dir, labels, limit)
-    cache = ResponseCache(settings.paths.cache)
-    try:
-        with llm_endpoint(settings) as (endpoint, conc, is_local):
-            client = LLMClient(endpoint, settings.llm, cache, concurrency=conc)
-            try:
-                batches = plan.batches(settings.llm.batch_size)
-                results = await asyncio.gather(*(batch_task(plan, client, b, i) for i, b in enumerate(batches)))
-                merged = BatchResult()
-                for r in results:
-                    merged.merge(r)
-                written = write_task(plan, merged, client, is_local)
-            finally:
-                await client.aclose()
-    finally:
-        cache.close()
-    publish_task(written, _samples(merged))
+    plan = plan_task(vocab, settings.public_dict(), index_dir, use_index, out_dir, labels, limit)
+    async with generation_session(settings) as session:
+        # The batch tasks find this session by its id: they share its client (one set of limits).
+        # A task on a remote worker would not find it and opens its own (gsp.generate.describe_planned).
+        batches = [plan["labels"][i : i + settings.llm.batch_size]
+                   for i in range(0, len(plan["labels"]), settings.llm.batch_size)]
+        results = await asyncio.gather(*(batch_task(session.id, plan, b, i) for i, b in enumerate(batches)))
+        written = write_task(session.id, plan, list(results))
+    publish_task(written)
     if written["run_failed"]:
         raise RunFailed(written["failure_line"])
     return {k: written[k] for k in ("run_dir", "failed", "summary", "failure_line", "manifest_path")}

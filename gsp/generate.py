@@ -10,9 +10,11 @@ Ts still comes from the label when Tb failed. Every text passes the quality chec
 All signs run concurrently; the client's semaphore and rate limiters decide how many requests
 are in flight.
 
-The pieces (:func:`prepare_run`, :func:`describe_batch`, :func:`finalize_run`,
-:func:`llm_endpoint`) are what the Prefect flow wires as tasks; :func:`generate_descriptions`
-composes them without Prefect.
+One lifecycle for every caller: :func:`generation_session` (response cache → endpoint, configured
+or the embedded server → client → close). :func:`generate_descriptions` runs a whole plan in one
+session without Prefect; the Prefect flow opens the session itself and hands its tasks plain data
+(the plan as :meth:`RunPlan.to_dict`, label lists, the session's id) through
+:func:`describe_planned` and :func:`finalize_planned`.
 """
 
 from __future__ import annotations
@@ -24,21 +26,25 @@ import secrets
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
-from gsp.atomic import write_json_atomic, write_text_atomic
+from gsp.atomic import check_replaceable, claim_folder, write_json_atomic, write_text_atomic
+from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache
 from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, check_endpoint, endpoint_host
 from gsp.llm.server import default_replicas, local_llm_server
 from gsp.llm.structured import inline_schema
 from gsp.prompts import Prompt, load_prompts, output_model, schema_text
 from gsp.quality import is_quality_failure, texts_problem
+from gsp.retrieval import shared_retriever
 from gsp.schema import BODY_PARTS, KINDS, LATEST_POINTER, MANIFEST, STATUS_FAILED, STATUS_OK, row_key, write_kind
-from gsp.settings import Settings, get_settings
+from gsp.settings import Settings
 from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
 
 log = logging.getLogger("gsp.generate")
@@ -48,18 +54,20 @@ RUN_COMPLETE, RUN_FAILED = "complete", "failed"
 NO_PASSAGES = "(no dictionary passage was found for this sign; describe it from general knowledge)"
 
 
-class GenerationError(RuntimeError):
-    pass
+class GenerationError(GspError, RuntimeError):
+    """A description run cannot start or be written (no signs selected, the run folder exists)."""
 
 
-class RunFailed(RuntimeError):
+class RunFailed(GspError, RuntimeError):
     """A description run was written but too many of its rows failed (see ``max_failed_share``):
     it is marked failed and is not ``LATEST``. The message is one line with the causes and the
     manifest's path."""
 
+    exit_code = 1  # not the user's mistake: the run exists, its manifest says what failed
 
-class Retriever(Protocol):
-    """What generation needs from :class:`gsp.retrieval.Retriever`."""
+
+class PassageSearch(Protocol):
+    """What generation needs from a knowledge base (:class:`gsp.retrieval.HybridRetriever`)."""
 
     manifest_id: str
 
@@ -67,11 +75,11 @@ class Retriever(Protocol):
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 # --- references (P3) ------------------------------------------------------------------------
@@ -79,7 +87,8 @@ def new_run_id() -> str:
 _Q = "[\"'“”‘’«»]"
 _NQ = "[^\"'“”‘’«»]"
 SIGN_REF_PATTERNS = (
-    re.compile(rf"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?{_Q}(?P<name>{_NQ}{{1,40}}?){_Q}", re.I),
+    re.compile(rf"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?"
+               rf"{_Q}(?P<name>{_NQ}{{1,40}}?){_Q}", re.I),
     re.compile(r"(?:sign\s+for|same\s+as|identical\s+to|like)\s+(?:the\s+sign\s+)?(?P<name>[A-Z][A-Z\-]+(?:\s+[A-Z][A-Z\-]+)*)\b"),
     # Chinese dictionaries: 手势同“好” ("the handshape is that of GOOD"), 同“饿”
     re.compile(rf"同\s*{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}"),
@@ -87,7 +96,8 @@ SIGN_REF_PATTERNS = (
 HANDSHAPE_REF_PATTERNS = (
     re.compile(rf"{_Q}(?P<name>{_NQ}{{1,12}}?){_Q}[\s-]*hand(?:\s*shape)?\b", re.I),
     re.compile(rf"hand\s*shape\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
-    re.compile(rf"manual\s+(?:sign|alphabet(?:\s+letter)?|letter)\s+{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
+    re.compile(rf"manual\s+(?:sign|alphabet(?:\s+letter)?|letter)\s+"
+               rf"{_Q}?(?P<name>[A-Za-z0-9][A-Za-z0-9\-]{{0,11}}){_Q}?", re.I),
     re.compile(r"\b(?P<name>[A-Z0-9](?:-[A-Za-z]+)?)[\s-]hand\s*shape\b"),
 )
 _NOT_NAMES = {"the", "a", "an", "one", "this", "that", "same", "other", "both", "each", "hand", "chart"}
@@ -129,29 +139,45 @@ class RunPlan:
     vocabulary: Vocabulary
     entries: list[VocabEntry]
     prompts: dict[str, Prompt]
-    retriever: Retriever | None
+    retriever: PassageSearch | None
     index_dir: Path | None
     out_root: Path
     run_id: str
     started_at: str = field(default_factory=utc_now)
     started_monotonic: float = field(default_factory=time.monotonic)
 
-    def batches(self, size: int) -> list[list[VocabEntry]]:
-        return [self.entries[i : i + size] for i in range(0, len(self.entries), size)]
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (what a Prefect task receives): files, labels, ids and the
+        settings without secrets; :meth:`from_dict` loads the rest again."""
+        return {"vocab": str(self.vocabulary.path), "vocab_sha256": self.vocabulary.sha256,
+                "labels": [e.label for e in self.entries], "run_id": self.run_id, "out_root": str(self.out_root),
+                "index_dir": str(self.index_dir) if self.index_dir else None,
+                "settings": self.settings.public_dict(), "started_at": self.started_at,
+                "started_unix": time.time() - (time.monotonic() - self.started_monotonic)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], labels: Sequence[int] | None = None) -> RunPlan:
+        """The plan of :meth:`to_dict` (only ``labels`` of it, when given). The API key is not in
+        the data: it comes from this process's environment, like every secret."""
+        settings = Settings(**data["settings"])
+        vocabulary = load_vocabulary(data["vocab"])
+        if vocabulary.sha256 != data["vocab_sha256"]:
+            raise GenerationError(f"{data['vocab']}: the vocabulary changed after run {data['run_id']} was planned")
+        index_dir = Path(data["index_dir"]) if data["index_dir"] else None
+        return cls(settings=settings, vocabulary=vocabulary,
+                   entries=vocabulary.select(list(labels if labels is not None else data["labels"])),
+                   prompts=load_prompts(settings.paths.prompts_dir),
+                   retriever=shared_retriever(index_dir, settings.kb) if index_dir else None,
+                   index_dir=index_dir, out_root=Path(data["out_root"]), run_id=data["run_id"],
+                   started_at=data["started_at"],
+                   started_monotonic=time.monotonic() - (time.time() - data["started_unix"]))
 
 
-def load_retriever(index_dir: Path) -> Retriever:
-    from gsp.retrieval import Retriever as KBRetriever  # the knowledge base is optional for imports
-
-    return KBRetriever.load(index_dir)
-
-
-def prepare_run(vocab_path: Path | str, *, settings: Settings | None = None, index_dir: Path | None = None,
+def prepare_run(vocab_path: Path | str, *, settings: Settings, index_dir: Path | None = None,
                 use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
                 limit: int | None = None, run_id: str | None = None,
-                retriever: Retriever | None = None) -> RunPlan:
+                retriever: PassageSearch | None = None) -> RunPlan:
     """Load and check the vocabulary, prompts and index; choose the run id. Raises before any request."""
-    settings = settings or get_settings()
     vocabulary = load_vocabulary(vocab_path)
     entries = vocabulary.select(list(labels) if labels else None, limit)
     if not entries:
@@ -159,14 +185,35 @@ def prepare_run(vocab_path: Path | str, *, settings: Settings | None = None, ind
     prompts = load_prompts(settings.paths.prompts_dir)
     if retriever is None and use_index:
         index_dir = Path(index_dir) if index_dir else settings.paths.index
-        retriever = load_retriever(index_dir)
+        retriever = shared_retriever(index_dir, settings.kb)
     elif retriever is None:
         index_dir = None
+    out_root = Path(out_dir) if out_dir else settings.paths.descriptions
+    # checked now, before any request; created only when the run is written (finalize_run)
+    check_replaceable(out_root, _is_descriptions_root, DESCRIPTIONS_WHAT)
     return RunPlan(settings=settings, vocabulary=vocabulary, entries=entries, prompts=prompts,
-                   retriever=retriever, index_dir=index_dir,
-                   out_root=Path(out_dir) if out_dir else settings.paths.descriptions,
-                   run_id=run_id or new_run_id())
+                   retriever=retriever, index_dir=index_dir, out_root=out_root, run_id=run_id or new_run_id())
 
+
+DESCRIPTIONS_MARKER = ".gsp-descriptions"
+
+
+DESCRIPTIONS_WHAT = "a gsp descriptions folder"
+
+
+def _is_descriptions_root(folder: Path) -> bool:
+    """Ours: marked, or holding description runs (each with its manifest)."""
+    return (folder / DESCRIPTIONS_MARKER).is_file() or any(
+        (run / MANIFEST).is_file() for run in folder.iterdir() if run.is_dir())
+
+
+def claim_descriptions_root(out_root: Path) -> Path:
+    """The folder that holds description runs and ``LATEST``: new, empty, or one we wrote before,
+    never a user's folder (its own ``LATEST`` file would be overwritten) or a file."""
+    return claim_folder(out_root, DESCRIPTIONS_MARKER, DESCRIPTIONS_WHAT, _is_descriptions_root)
+
+
+# --- the generation session -----------------------------------------------------------------
 
 @contextmanager
 def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
@@ -191,6 +238,48 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
                len(server.base_urls), True)
 
 
+@dataclass
+class GenerationSession:
+    """An open endpoint with its client: every request of a run goes through ``client``, so one
+    set of concurrency and rate limits (and one circuit breaker) governs the whole run."""
+
+    id: str
+    client: LLMClient
+    is_local: bool
+
+
+#: Open sessions of this process by id. A Prefect task receives the id (a string), not the live
+#: client, so that tasks take plain data; see :func:`describe_planned`.
+_SESSIONS: dict[str, GenerationSession] = {}
+
+
+@asynccontextmanager
+async def generation_session(settings: Settings) -> AsyncIterator[GenerationSession]:
+    """Response cache → endpoint (configured, after its preflight check, or the embedded server)
+    → client; everything closed again on the way out, whatever happened."""
+    cache = ResponseCache(settings.paths.cache)
+    try:
+        with llm_endpoint(settings) as (endpoint, concurrency, is_local):
+            client = LLMClient(endpoint, settings.llm, cache, concurrency=concurrency)
+            session = GenerationSession(id=f"gen-{secrets.token_hex(6)}", client=client, is_local=is_local)
+            _SESSIONS[session.id] = session
+            try:
+                yield session
+            finally:
+                del _SESSIONS[session.id]
+                await client.aclose()
+    finally:
+        cache.close()
+
+
+def open_session(session_id: str) -> GenerationSession:
+    """The session ``session_id`` opened in this process (``GenerationError`` when there is none)."""
+    try:
+        return _SESSIONS[session_id]
+    except KeyError:
+        raise GenerationError(f"no generation session {session_id!r} is open in this process") from None
+
+
 # --- describing signs -----------------------------------------------------------------------
 
 @dataclass
@@ -199,11 +288,18 @@ class BatchResult:
     no_hit: list[dict[str, Any]] = field(default_factory=list)
     busy_s: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in KINDS})
 
-    def merge(self, other: "BatchResult") -> None:
+    def merge(self, other: BatchResult) -> None:
         for kind in KINDS:
             self.rows[kind].extend(other.rows[kind])
             self.busy_s[kind] += other.busy_s[kind]
         self.no_hit.extend(other.no_hit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchResult:
+        return cls(rows=data["rows"], no_hit=data["no_hit"], busy_s=data["busy_s"])
 
 
 def hit_source(hit: Any) -> dict[str, Any]:
@@ -238,6 +334,7 @@ class SignDescriber:
         self.client = client
         self.on_done = on_done or (lambda kind: None)
         self.k = plan.settings.llm.synonyms
+        self.pool: ThreadPoolExecutor | None = None  # set by describe_batch for the batch's searches
         self._search_lock = threading.Lock()
         self._search_memo: dict[tuple[str, int], list[Any]] = {}
         self.models = {key: output_model(key, self.k) for key in KIND_OF_PROMPT}
@@ -255,7 +352,11 @@ class SignDescriber:
     async def search(self, query: str, k: int) -> list[Any]:
         if self.plan.retriever is None or not query.strip():
             return []
-        return await asyncio.to_thread(self._search_sync, query, k)
+        # Not asyncio.to_thread: the loop's default pool keeps its threads until asyncio.run()
+        # ends, and a live thread that once ran torch work makes libgomp stop spinning for every
+        # later torch op in this process (training inside `gsp run` measured 1.5-2.3x slower,
+        # 255k context switches against 300). The batch's own pool is shut down when it ends.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._search_sync, query, k)
 
     def relevant(self, hit: Any, forms: Sequence[str]) -> bool:
         """Hybrid search always returns its nearest chunks; only these count as hits (an unrelated
@@ -402,8 +503,37 @@ class SignDescriber:
 async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[VocabEntry],
                          on_done: Callable[[str], None] | None = None) -> BatchResult:
     """P1–P4 for ``entries``; never raises for a sign's failure (those are rows), only for a
-    fatal endpoint error (:class:`gsp.llm.FatalLLMError`)."""
-    return await SignDescriber(plan, client, on_done).describe_all(entries)
+    fatal endpoint error (:class:`gsp.llm.client.FatalLLMError`)."""
+    describer = SignDescriber(plan, client, on_done)
+    # Searches are serialised by the describer's lock, so one thread is enough (see search()).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval") as pool:
+        describer.pool = pool
+        return await describer.describe_all(entries)
+
+
+async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str) -> dict[str, Any]:
+    """P1–P4 for ``labels`` of a planned run (:meth:`RunPlan.to_dict`), as plain data: what a
+    flow's batch task does.
+
+    The tasks of one flow run share the session the flow opened (found by its id), so they share
+    one client and one set of limits. A task run in another process (a remote worker) finds no such
+    session and opens its own for the batch; its usage travels back with the rows, and
+    :func:`finalize_planned` adds it to the run's."""
+    run = RunPlan.from_dict(plan, labels)
+    if session_id in _SESSIONS:
+        return (await describe_batch(run, _SESSIONS[session_id].client, run.entries)).to_dict()
+    async with generation_session(run.settings) as own:
+        result = await describe_batch(run, own.client, run.entries)
+        return {**result.to_dict(), "usage": own.client.usage_counts()}
+
+
+def finalize_planned(plan: dict[str, Any], batches: Sequence[dict[str, Any]], session: GenerationSession) -> RunResult:
+    """Write a planned run from its batches' plain results (see :func:`describe_planned`)."""
+    merged = BatchResult()
+    for batch in batches:
+        merged.merge(BatchResult.from_dict(batch))
+        session.client.add_usage(batch.get("usage") or {})
+    return finalize_run(RunPlan.from_dict(plan), merged, session)
 
 
 # --- writing the run ------------------------------------------------------------------------
@@ -479,10 +609,6 @@ class RunResult:
                     f"see failures in {self.manifest_path}")
         return None
 
-    def raise_if_failed(self) -> None:
-        if self.run_failed:
-            raise RunFailed(self.failure_line())
-
     def summary(self) -> str:
         m = self.manifest
         lines = [f"description run {m['run_id']} → {self.run_dir}"]
@@ -502,19 +628,19 @@ class RunResult:
         return "\n".join(lines)
 
 
-def finalize_run(plan: RunPlan, result: BatchResult, client: LLMClient, *, is_local: bool = False) -> RunResult:
+def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession) -> RunResult:
     """Write the four parquet files and the manifest into a staging folder, publish it as
     ``<out>/<run_id>`` with one rename, then point ``LATEST`` at it unless the run failed (more than
     ``max_failed_share`` of its rows failed). A run folder is never rewritten."""
-    run_dir = plan.out_root / plan.run_id
+    run_dir = claim_descriptions_root(plan.out_root) / plan.run_id
     if run_dir.exists():
         raise GenerationError(f"{run_dir}: run folder exists; a run is never overwritten")
     staging = plan.out_root / f".{plan.run_id}.partial"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
     for kind in KINDS:
         write_kind(staging, kind, result.rows[kind])
 
-    manifest = run_manifest(plan, result, client, is_local)
+    manifest = run_manifest(plan, result, session.client, session.is_local)
     write_json_atomic(staging / MANIFEST, manifest)
     staging.rename(run_dir)
     # A failed run stays on disk for inspection, but training and `gsp train` keep using the last
@@ -539,7 +665,8 @@ def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local
                        if r["status"] == STATUS_FAILED), key=lambda f: f["key"])
     costs = [u["cost"] for u in usage.values() if u["cost"] is not None]
     counted = [f for f in failures
-               if not (is_local and not s.llm.local_quality_fails_run and is_quality_failure(failure_cause(f["error"])))]
+               if not (is_local and not s.llm.local_quality_fails_run
+                       and is_quality_failure(failure_cause(f["error"])))]
     reason = failed_run_reason(len(counted), sum(c["rows"] for c in counts.values()), s.llm.max_failed_share)
     manifest = {
         "run_id": plan.run_id,
@@ -596,25 +723,17 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
 
 
 async def agenerate(plan: RunPlan, *, progress: bool = False) -> RunResult:
-    settings = plan.settings
-    cache = ResponseCache(settings.paths.cache)
-    try:
-        with llm_endpoint(settings) as (endpoint, concurrency, is_local):
-            client = LLMClient(endpoint, settings.llm, cache, concurrency=concurrency)
-            try:
-                with _progress(progress, len(plan.entries)) as on_done:
-                    result = await describe_batch(plan, client, plan.entries, on_done)
-                return finalize_run(plan, result, client, is_local=is_local)
-            finally:
-                await client.aclose()
-    finally:
-        cache.close()
+    """Describe every sign of ``plan`` in one generation session and write the run."""
+    async with generation_session(plan.settings) as session:
+        with _progress(progress, len(plan.entries)) as on_done:
+            result = await describe_batch(plan, session.client, plan.entries, on_done)
+        return finalize_run(plan, result, session)
 
 
-def generate_descriptions(vocab_path: Path | str, *, settings: Settings | None = None, index_dir: Path | None = None,
+def generate_descriptions(vocab_path: Path | str, *, settings: Settings, index_dir: Path | None = None,
                           use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
-                          limit: int | None = None, run_id: str | None = None, retriever: Retriever | None = None,
-                          progress: bool = False) -> RunResult:
+                          limit: int | None = None, run_id: str | None = None,
+                          retriever: PassageSearch | None = None, progress: bool = False) -> RunResult:
     """Describe the vocabulary's signs with P1–P4 and write one description run (no Prefect)."""
     plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_dir,
                        labels=labels, limit=limit, run_id=run_id, retriever=retriever)

@@ -18,11 +18,11 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -30,12 +30,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gsp.atomic import (check_disjoint, check_replaceable, make_staging_dir, recover_dir, remove_debris,
-                        replace_dir_atomic, write_json_atomic)
-from gsp.chunking import DEFAULT_HEADWORD_PATTERN, DictionaryChunker
+from gsp.atomic import (
+    check_disjoint,
+    check_replaceable,
+    make_staging_dir,
+    recover_dir,
+    remove_debris,
+    replace_dir_atomic,
+    sha256_file,
+    write_json_atomic,
+)
+from gsp.chunking import DEFAULT_HEADWORD_PATTERN, Chunk, DictionaryChunker
 from gsp.embedding import load_sentence_model, model_id
-from gsp.pdf import PdfExtractionError, extract_pages, sha256_file
-from gsp.settings import KnowledgeBaseSettings, get_settings
+from gsp.errors import GspError
+from gsp.pdf import PdfExtractionError, extract_pages
+from gsp.settings import KnowledgeBaseSettings
 
 INDEX_FILE = "index.faiss"
 CHUNKS_FILE = "chunks.parquet"
@@ -59,8 +68,8 @@ CHUNK_SCHEMA = pa.schema(
 )
 
 
-class NothingToIndexError(FileNotFoundError):
-    """The knowledge base yields no text at all; the existing index is kept as it was."""
+class NothingToIndexError(GspError, FileNotFoundError):
+    """The knowledge base is missing or yields no text at all; the existing index is kept as it was."""
 
 
 def is_index_dir(path: Path) -> bool:
@@ -73,14 +82,12 @@ def is_index_dir(path: Path) -> bool:
             and isinstance(manifest.get("embedding"), dict) and isinstance(manifest.get("documents"), list))
 
 
-def prepare_ingest(kb_dir: Path | str | None = None,
-                   index_dir: Path | str | None = None) -> tuple[Path, Path, list[Path]]:
+def prepare_ingest(kb_dir: Path | str, index_dir: Path | str) -> tuple[Path, Path, list[Path]]:
     """Resolve the folders, check them, list the PDFs — everything that can refuse a run before
     any work: an index folder overlapping the knowledge base or holding anything but an index
-    (``UnsafePathError``), a missing knowledge base or one without PDFs (``FileNotFoundError``)."""
-    app = get_settings()
-    kb_dir = Path(kb_dir or app.paths.kb_dir).resolve()
-    index_dir = Path(index_dir or app.paths.index).resolve()
+    (``UnsafePathError``), a missing knowledge base or one without PDFs (``NothingToIndexError``)."""
+    kb_dir = Path(kb_dir).resolve()
+    index_dir = Path(index_dir).resolve()
     recover_dir(index_dir)
     check_disjoint(index_dir, kb_dir, "index folder", "knowledge-base folder")
     check_replaceable(index_dir, is_index_dir, INDEX_WHAT)
@@ -143,11 +150,32 @@ def find_documents(kb_dir: Path) -> list[Path]:
     """Every file under kb_dir that claims to be a PDF (by extension), sorted."""
     kb_dir = Path(kb_dir)
     if not kb_dir.is_dir():
-        raise FileNotFoundError(f"knowledge base folder not found: {kb_dir}")
+        raise NothingToIndexError(f"knowledge base folder not found: {kb_dir}")
     return sorted(p for p in kb_dir.rglob("*") if p.is_file() and p.suffix.lower() == ".pdf")
 
 
-def _read_previous(index_dir: Path, embedding: str, chunking: dict) -> tuple[dict, pd.DataFrame, np.ndarray] | None:
+@dataclass
+class PreviousIndex:
+    """The index being replaced, when it was built with the same model and chunking: its
+    documents' chunks and vectors are reused as they are."""
+
+    manifest: dict
+    chunks: pd.DataFrame
+    vectors: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.chunks = self.chunks.reset_index(drop=True)
+        self.by_document = {key: group for key, group in self.chunks.groupby(["file", "sha256"], sort=False)}
+
+    def pages(self, rel: str, sha: str, fallback: int) -> int:
+        """A reused document's page count, from the previous manifest when it has one."""
+        for d in self.manifest.get("documents", []):
+            if d.get("file") == rel and d.get("sha256") == sha:
+                return int(d.get("pages") or fallback)
+        return fallback
+
+
+def read_previous(index_dir: Path, embedding: str, chunking: dict) -> PreviousIndex | None:
     """The previous index if it is complete and built with the same model and chunking."""
     try:
         manifest = json.loads((index_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -160,7 +188,7 @@ def _read_previous(index_dir: Path, embedding: str, chunking: dict) -> tuple[dic
         if index.ntotal != len(chunks):
             return None
         vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), "float32")
-        return manifest, chunks, vectors
+        return PreviousIndex(manifest, chunks, vectors)
     except (OSError, KeyError, ValueError, RuntimeError, pa.ArrowException):
         return None
 
@@ -218,138 +246,79 @@ class _BackgroundEmbedder:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def ingest(
-    kb_dir: Path | str | None = None,
-    index_dir: Path | str | None = None,
-    settings: KnowledgeBaseSettings | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    on_document: Callable[[DocumentStatus], None] | None = None,
-) -> IngestReport:
-    """Build or update the index in ``index_dir`` from the PDFs under ``kb_dir``.
+def chunking_config(kb: KnowledgeBaseSettings) -> dict:
+    """The chunking settings an index records (a change means every document is re-chunked)."""
+    return {"chunk_size": kb.chunk_size, "chunk_overlap": kb.chunk_overlap,
+            "headword_pattern": kb.headword_pattern or DEFAULT_HEADWORD_PATTERN}
 
-    ``progress(done, total)`` is called as chunks are embedded; ``on_document`` once per file.
-    Failures (corrupt, encrypted, not a PDF, no text) are recorded per document and the rest
-    is still indexed. Refusals (see ``prepare_ingest``) and a knowledge base that gives no text
-    at all (``NothingToIndexError``) leave the index folder untouched.
-    """
-    t0 = time.perf_counter()
-    kb = settings or get_settings().kb
-    kb_dir, index_dir, documents = prepare_ingest(kb_dir, index_dir)
-    remove_debris(index_dir)
 
-    chunking = {
-        "chunk_size": kb.chunk_size,
-        "chunk_overlap": kb.chunk_overlap,
-        "headword_pattern": kb.headword_pattern or DEFAULT_HEADWORD_PATTERN,
-    }
-    embed_name = model_id(kb.embedding_model)
-    previous = _read_previous(index_dir, embed_name, chunking)
-    prev_docs: dict[tuple[str, str], pd.DataFrame] = {}
-    prev_vectors = None
-    if previous is not None:
-        _, prev_chunks, prev_vectors = previous
-        prev_chunks = prev_chunks.reset_index(drop=True)
-        for (file, sha), group in prev_chunks.groupby(["file", "sha256"], sort=False):
-            prev_docs[(file, sha)] = group
+def chunk_rows(chunks: list[Chunk], rel: str, sha: str) -> list[dict]:
+    """The chunks.parquet rows of one document's chunks."""
+    return [{"chunk_id": f"{sha[:12]}-p{c.page}-c{c.ordinal}", "file": rel, "sha256": sha, "page": c.page,
+             "ordinal": c.ordinal, "char_start": c.start, "char_end": c.end, "headword": c.headword,
+             "aliases": list(c.aliases), "text": c.text} for c in chunks]
 
-    chunker = DictionaryChunker(kb.chunk_size, kb.chunk_overlap, chunking["headword_pattern"])
-    report = IngestReport(index_dir=index_dir)
-    kept_frames: list[pd.DataFrame] = []
-    kept_vectors: list[np.ndarray] = []
-    new_rows: list[dict] = []
-    embedder = _BackgroundEmbedder(kb.embedding_model, kb.embed_batch_size, progress)
 
-    for path in documents:
-        rel = path.relative_to(kb_dir).as_posix()
-        try:
-            sha = sha256_file(path)
-        except OSError as exc:
-            status = DocumentStatus(rel, None, "failed", reason="unreadable", error=f"{path}: {exc}")
-            report.documents.append(status)
-            if on_document:
-                on_document(status)
-            continue
-        reused = prev_docs.get((rel, sha))
-        if reused is not None:
-            kept_frames.append(reused)
-            kept_vectors.append(prev_vectors[reused.index.to_numpy()])
-            status = DocumentStatus(rel, sha, "ok", pages=int(reused["page"].max()) if len(reused) else 0,
-                                    chunks=len(reused))
-            # pages of a reused document come from the previous manifest when available
-            status.pages = _previous_pages(previous, rel, sha, status.pages)
-        else:
-            try:
-                pages = extract_pages(path)
-            except PdfExtractionError as exc:
-                status = DocumentStatus(rel, sha, "failed", reason=exc.reason, error=str(exc))
-            else:
-                chunks = chunker.split_pages([(p.number, p.text) for p in pages])
-                embedder.add([chunk_embedding_text(c.headword, c.text) for c in chunks])
-                for c in chunks:
-                    new_rows.append(
-                        {
-                            "chunk_id": f"{sha[:12]}-p{c.page}-c{c.ordinal}",
-                            "file": rel,
-                            "sha256": sha,
-                            "page": c.page,
-                            "ordinal": c.ordinal,
-                            "char_start": c.start,
-                            "char_end": c.end,
-                            "headword": c.headword,
-                            "aliases": list(c.aliases),
-                            "text": c.text,
-                        }
-                    )
-                status = DocumentStatus(rel, sha, "ok", pages=len(pages), chunks=len(chunks), embedded=True)
-                if not chunks:
-                    status.status, status.reason = "failed", "no_text"
-                    status.error = f"{path}: no chunks after splitting"
-        report.documents.append(status)
-        if on_document:
-            on_document(status)
+@dataclass
+class Collected:
+    """What the documents gave: chunks and vectors reused from the previous index, and new chunk
+    rows whose texts went to the background embedder."""
 
-    seen = {d.file for d in report.documents}
-    if previous is not None:
-        report.removed = sorted({d["file"] for d in previous[0]["documents"]} - seen)
+    documents: list[DocumentStatus] = field(default_factory=list)
+    kept_chunks: list[pd.DataFrame] = field(default_factory=list)
+    kept_vectors: list[np.ndarray] = field(default_factory=list)
+    new_rows: list[dict] = field(default_factory=list)
 
-    # Only new or changed documents were embedded: the expensive step the incremental design avoids.
-    batches = embedder.finish()
-    if new_rows:
-        new_vectors = np.vstack(batches)
-        dim = new_vectors.shape[1]
-        report.embed_seconds = embedder.seconds
-    else:
-        dim = prev_vectors.shape[1] if prev_vectors is not None else \
-            load_sentence_model(kb.embedding_model).get_embedding_dimension()
-        new_vectors = np.zeros((0, dim), dtype="float32")
-    report.embedded_chunks = len(new_rows)
-    report.reused_chunks = sum(len(f) for f in kept_frames)
 
-    frames = [f for f in kept_frames if len(f)] + ([pd.DataFrame(new_rows)] if new_rows else [])
-    if not frames:
-        raise NothingToIndexError(f"{kb_dir}: none of the {len(documents)} PDF file(s) gave any text "
-                                  f"(see the failures above); nothing indexed, {index_dir} left as it was")
-    all_chunks = pd.concat(frames, ignore_index=True)
-    all_vectors = np.vstack(kept_vectors + [new_vectors]).astype("float32") if (kept_vectors or len(new_vectors)) \
-        else np.zeros((0, dim), "float32")
-    # Deterministic row order whatever was reused: by file, then position in the file.
-    order = np.lexsort((all_chunks["ordinal"].to_numpy(), all_chunks["file"].to_numpy())) if len(all_chunks) else []
-    all_chunks = all_chunks.iloc[order].reset_index(drop=True)
-    all_vectors = all_vectors[order] if len(all_chunks) else all_vectors
+def collect_document(path: Path, rel: str, previous: PreviousIndex | None, chunker: DictionaryChunker,
+                     embedder: _BackgroundEmbedder, out: Collected) -> DocumentStatus:
+    """One document: reused when its sha256 is in the previous index, else extracted, chunked and
+    queued for embedding; a bad file becomes a failed status naming it."""
+    try:
+        sha = sha256_file(path)
+    except OSError as exc:
+        return DocumentStatus(rel, None, "failed", reason="unreadable", error=f"{path}: {exc}")
+    reused = previous.by_document.get((rel, sha)) if previous is not None else None
+    if reused is not None:
+        out.kept_chunks.append(reused)
+        out.kept_vectors.append(previous.vectors[reused.index.to_numpy()])
+        pages = int(reused["page"].max()) if len(reused) else 0
+        return DocumentStatus(rel, sha, "ok", pages=previous.pages(rel, sha, pages), chunks=len(reused))
+    try:
+        pages = extract_pages(path)
+    except PdfExtractionError as exc:
+        return DocumentStatus(rel, sha, "failed", reason=exc.reason, error=str(exc))
+    chunks = chunker.split_pages([(p.number, p.text) for p in pages])
+    embedder.add([chunk_embedding_text(c.headword, c.text) for c in chunks])
+    out.new_rows.extend(chunk_rows(chunks, rel, sha))
+    if not chunks:
+        return DocumentStatus(rel, sha, "failed", pages=len(pages), reason="no_text", embedded=True,
+                              error=f"{path}: no chunks after splitting")
+    return DocumentStatus(rel, sha, "ok", pages=len(pages), chunks=len(chunks), embedded=True)
 
-    index = faiss.IndexFlatIP(dim)
-    if len(all_vectors):
-        index.add(np.ascontiguousarray(all_vectors))
 
-    docs = [
-        {k: v for k, v in d.__dict__.items() if k != "embedded"} for d in report.documents
-    ]
+def assemble(collected: Collected, new_vectors: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Reused and new chunks with their vectors, in a deterministic order whatever was reused:
+    by file, then position in the file."""
+    frames = [f for f in collected.kept_chunks if len(f)]
+    if collected.new_rows:
+        frames.append(pd.DataFrame(collected.new_rows))
+    chunks = pd.concat(frames, ignore_index=True)
+    vectors = np.vstack(collected.kept_vectors + [new_vectors]).astype("float32")
+    order = np.lexsort((chunks["ordinal"].to_numpy(), chunks["file"].to_numpy()))
+    return chunks.iloc[order].reset_index(drop=True), vectors[order]
+
+
+def index_manifest(report: IngestReport, kb_dir: Path, chunks: pd.DataFrame, dim: int, embed_name: str,
+                   chunking: dict) -> dict:
+    """manifest.json: format, provenance, every document's status and the counts."""
+    docs = [{k: v for k, v in d.__dict__.items() if k != "embedded"} for d in report.documents]
     embedding = {"model": embed_name, "dimension": int(dim), "normalized": True, "metric": "inner_product"}
     report.manifest_id = _manifest_id(docs, embedding, chunking)
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "manifest_id": report.manifest_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "kb_dir": str(kb_dir),
         "embedding": embedding,
         "chunking": chunking,
@@ -359,30 +328,80 @@ def ingest(
             "documents": len(docs),
             "failed": len(report.failed),
             "pages": report.pages,
-            "chunks": len(all_chunks),
+            "chunks": len(chunks),
             "embedded_chunks": report.embedded_chunks,
             "reused_chunks": report.reused_chunks,
         },
     }
 
+
+def write_index(index_dir: Path, chunks: pd.DataFrame, vectors: np.ndarray, dim: int, manifest: dict) -> None:
+    """Build the index in a staging folder beside ``index_dir`` and swap it in (a crash at any
+    moment leaves the previous index usable)."""
+    index = faiss.IndexFlatIP(dim)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors))
     staging = make_staging_dir(index_dir)
     try:
         faiss.write_index(index, str(staging / INDEX_FILE))
-        table = pa.Table.from_pandas(all_chunks[CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA, preserve_index=False)
+        table = pa.Table.from_pandas(chunks[CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA, preserve_index=False)
         pq.write_table(table, staging / CHUNKS_FILE)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
         replace_dir_atomic(staging, index_dir, is_index_dir, INDEX_WHAT)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def ingest(
+    kb_dir: Path | str,
+    index_dir: Path | str,
+    settings: KnowledgeBaseSettings,
+    progress: Callable[[int, int], None] | None = None,
+    on_document: Callable[[DocumentStatus], None] | None = None,
+) -> IngestReport:
+    """Build or update the index in ``index_dir`` from the PDFs under ``kb_dir``: read the
+    previous index, extract and embed what is new, assemble, write.
+
+    ``progress(done, total)`` is called as chunks are embedded; ``on_document`` once per file.
+    Failures (corrupt, encrypted, not a PDF, no text) are recorded per document and the rest
+    is still indexed. Refusals (see ``prepare_ingest``) and a knowledge base that gives no text
+    at all (``NothingToIndexError``) leave the index folder untouched.
+    """
+    t0 = time.perf_counter()
+    kb_dir, index_dir, documents = prepare_ingest(kb_dir, index_dir)
+    remove_debris(index_dir)
+    chunking = chunking_config(settings)
+    embed_name = model_id(settings.embedding_model)
+    previous = read_previous(index_dir, embed_name, chunking)
+
+    chunker = DictionaryChunker(settings.chunk_size, settings.chunk_overlap, chunking["headword_pattern"])
+    embedder = _BackgroundEmbedder(settings.embedding_model, settings.embed_batch_size, progress)
+    collected = Collected()
+    for path in documents:
+        status = collect_document(path, path.relative_to(kb_dir).as_posix(), previous, chunker, embedder, collected)
+        collected.documents.append(status)
+        if on_document:
+            on_document(status)
+    # Only new or changed documents were embedded: the expensive step the incremental design avoids.
+    batches = embedder.finish()
+
+    report = IngestReport(index_dir=index_dir, documents=collected.documents,
+                          embedded_chunks=len(collected.new_rows),
+                          reused_chunks=sum(len(f) for f in collected.kept_chunks))
+    if previous is not None:
+        seen = {d.file for d in report.documents}
+        report.removed = sorted({d["file"] for d in previous.manifest["documents"]} - seen)
+    if not collected.new_rows and not any(len(f) for f in collected.kept_chunks):
+        raise NothingToIndexError(f"{kb_dir}: none of the {len(documents)} PDF file(s) gave any text "
+                                  f"(see the failures above); nothing indexed, {index_dir} left as it was")
+    if collected.new_rows:
+        new_vectors = np.vstack(batches)
+        report.embed_seconds = embedder.seconds
+    else:  # everything was reused, so there is a previous index to take the dimension from
+        new_vectors = np.zeros((0, previous.vectors.shape[1]), dtype="float32")
+    chunks, vectors = assemble(collected, new_vectors)
+    dim = new_vectors.shape[1]
+    write_index(index_dir, chunks, vectors, dim, index_manifest(report, kb_dir, chunks, dim, embed_name, chunking))
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _previous_pages(previous, rel: str, sha: str, fallback: int) -> int:
-    if previous is None:
-        return fallback
-    for d in previous[0].get("documents", []):
-        if d.get("file") == rel and d.get("sha256") == sha:
-            return int(d.get("pages") or fallback)
-    return fallback

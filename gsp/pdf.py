@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +9,15 @@ from pathlib import Path
 from pypdf import PdfReader
 from pypdf.errors import FileNotDecryptedError, PdfReadError, PyPdfError
 
+from gsp.errors import GspError
+
 # pypdf logs recoverable syntax problems as warnings; we report per file instead.
 logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 PDF_MAGIC = b"%PDF-"
 
 
-class PdfExtractionError(Exception):
+class PdfExtractionError(GspError):
     """A document that cannot be indexed; ``reason`` is a short machine-readable tag."""
 
     def __init__(self, path: Path, reason: str, detail: str):
@@ -30,14 +31,6 @@ class PdfExtractionError(Exception):
 class Page:
     number: int  # 1-based, as printed in citations
     text: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_pages(path: Path) -> list[Page]:

@@ -15,16 +15,13 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from gsp.errors import GspError
 from gsp.llm.structured import inline_schema
-from gsp.schema import BODY_PARTS
-
-BodyPart = Literal["body", "left_hand", "right_hand", "mouth", "face"]
-assert tuple(BodyPart.__args__) == BODY_PARTS  # one contract, checked at import
+from gsp.schema import BodyPart
 
 PROMPT_FILES = {"P1": "P1_primary.yaml", "P2": "P2_synonyms.yaml", "P3": "P3_refine.yaml", "P4": "P4_parts.yaml"}
 PROMPT_VARIABLES = {
@@ -64,9 +61,9 @@ class PartsOut(_Out):
 
 def synonyms_model(k: int) -> type[SynonymsOut]:
     """``{"variants": [str × k]}`` with the count in the schema (servers with schema support obey it)."""
-    from pydantic import create_model
-
     from typing import Annotated
+
+    from pydantic import create_model
 
     variant = Annotated[str, Field(min_length=3, max_length=800)]
     return create_model(f"Synonyms{k}", __base__=SynonymsOut,
@@ -77,8 +74,8 @@ def output_model(prompt_key: str, k: int = 3) -> type[_Out]:
     return {"P1": DescriptionOut, "P2": synonyms_model(k), "P3": DescriptionOut, "P4": PartsOut}[prompt_key]
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(GspError, ValueError):
+    """A prompt file is unreadable, incomplete or uses an unknown template variable."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ English, Turkish or Chinese passes.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from gsp.lexical import fold
 from gsp.vocab import LANGUAGE_NAMES

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,16 +21,16 @@ import pyarrow.parquet as pq
 
 from gsp.atomic import recover_dir
 from gsp.embedding import load_sentence_model
+from gsp.errors import GspError
 from gsp.index import CHUNKS_FILE, INDEX_FILE, MANIFEST_FILE, chunk_embedding_text
 from gsp.lexical import normalise_headword, tokenize
-from gsp.settings import KnowledgeBaseSettings, get_settings
-
+from gsp.settings import KnowledgeBaseSettings
 
 # bm25s logs every index build at DEBUG; Prefect's logging setup would show it.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(GspError, FileNotFoundError):
     """No usable index at the given folder (run `gsp ingest` first)."""
 
 
@@ -52,7 +53,9 @@ class Hit:
         return asdict(self)
 
 
-class Retriever:
+class HybridRetriever:
+    """Search over one index folder: dense FAISS scores fused with BM25 and exact headwords."""
+
     def __init__(self, index_dir: Path, manifest: dict, index: faiss.Index, chunks, settings: KnowledgeBaseSettings):
         self.index_dir = index_dir
         self.manifest = manifest
@@ -78,9 +81,10 @@ class Retriever:
         return len(self.chunks)
 
     @classmethod
-    def load(cls, index_dir: Path | str | None = None, settings: KnowledgeBaseSettings | None = None) -> "Retriever":
-        app = get_settings()
-        index_dir = Path(index_dir or app.paths.index)
+    def load(cls, index_dir: Path | str, settings: KnowledgeBaseSettings) -> HybridRetriever:
+        """The index in ``index_dir`` (an interrupted swap is recovered first); ``IndexNotFoundError``
+        names the folder when it is missing, unreadable or inconsistent."""
+        index_dir = Path(index_dir)
         recover_dir(index_dir)
         missing = [f for f in (INDEX_FILE, CHUNKS_FILE, MANIFEST_FILE) if not (index_dir / f).is_file()]
         if missing:
@@ -97,8 +101,7 @@ class Retriever:
             raise IndexNotFoundError(
                 f"index at {index_dir} is inconsistent: {index.ntotal} vectors but {len(chunks)} chunks"
             )
-        kb = settings or app.kb
-        return cls(index_dir, manifest, index, chunks, kb)
+        return cls(index_dir, manifest, index, chunks, settings)
 
     def _embed(self, query: str) -> np.ndarray:
         if self._model is None:
@@ -153,3 +156,26 @@ class Retriever:
                 )
             )
         return hits
+
+
+_loaded: dict[tuple[str, str, str], HybridRetriever] = {}
+_loaded_lock = threading.Lock()
+
+
+def shared_retriever(index_dir: Path | str, settings: KnowledgeBaseSettings) -> HybridRetriever:
+    """One retriever per index (folder, contents, search settings) per process: loading one
+    builds the BM25 index and the query model, and every generation task of a flow run needs it.
+    Keyed on the manifest's id as well, so a re-ingested index is loaded afresh."""
+    index_dir = Path(index_dir).resolve()
+    recover_dir(index_dir)
+    try:
+        manifest_id = str(json.loads((index_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("manifest_id", ""))
+    except (OSError, ValueError, AttributeError):
+        manifest_id = ""  # HybridRetriever.load says what is wrong with the folder
+    key = (str(index_dir), manifest_id, settings.model_dump_json())
+    with _loaded_lock:
+        if key not in _loaded:
+            if len(_loaded) >= 2:  # an old index of this folder is not searched again
+                _loaded.pop(next(iter(_loaded)))
+            _loaded[key] = HybridRetriever.load(index_dir, settings)
+        return _loaded[key]

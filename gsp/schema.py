@@ -10,19 +10,22 @@ files, the trainer and the review tools read them; both import this module.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal, get_args
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gsp.atomic import atomic_path
+from gsp.errors import GspError
 
 Kind = Literal["Tb", "Ts", "Tg", "Tp"]
-KINDS: tuple[Kind, ...] = ("Tb", "Ts", "Tg", "Tp")
+KINDS: tuple[Kind, ...] = get_args(Kind)
 #: The five body parts, in the order of the skeleton's contiguous keypoint groups.
-BODY_PARTS: tuple[str, ...] = ("body", "left_hand", "right_hand", "mouth", "face")
+BodyPart = Literal["body", "left_hand", "right_hand", "mouth", "face"]
+BODY_PARTS: tuple[BodyPart, ...] = get_args(BodyPart)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 MANIFEST = "manifest.json"
@@ -67,8 +70,8 @@ def row_key(label: int, kind: str, variant: int = 0) -> str:
     return f"{int(label):06d}:{kind}:{int(variant):02d}"
 
 
-class SchemaError(ValueError):
-    pass
+class SchemaError(GspError, ValueError):
+    """A description run breaks the artifact contract; the message names the file and row."""
 
 
 def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
@@ -78,7 +81,8 @@ def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
         raise SchemaError(f"{source}: missing columns {missing}")
     bad_kind = df.index[df["kind"] != kind]
     if len(bad_kind):
-        raise SchemaError(f"{source}: row {int(bad_kind[0])} has kind {df.loc[bad_kind[0], 'kind']!r}, expected {kind!r}")
+        raise SchemaError(f"{source}: row {int(bad_kind[0])} has kind {df.loc[bad_kind[0], 'kind']!r}, "
+                          f"expected {kind!r}")
     bad_status = df.index[~df["status"].isin([STATUS_OK, STATUS_FAILED])]
     if len(bad_status):
         raise SchemaError(f"{source}: row {int(bad_status[0])} has status {df.loc[bad_status[0], 'status']!r}")
@@ -89,7 +93,8 @@ def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
         for i, parts in zip(df.index, df["body_parts"]):
             unknown = set(parts if parts is not None else []) - set(BODY_PARTS)
             if unknown:
-                raise SchemaError(f"{source}: row {int(i)} (key {df.loc[i, 'key']}) has unknown body parts {sorted(unknown)}")
+                raise SchemaError(f"{source}: row {int(i)} (key {df.loc[i, 'key']}) "
+                                  f"has unknown body parts {sorted(unknown)}")
 
 
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -170,5 +175,5 @@ def content_fingerprint(run_dir: Path) -> str:
         df = read_kind(Path(run_dir), kind)
         for key, text, parts, status in zip(df["key"], df["text"], df["body_parts"], df["status"]):
             parts_txt = ",".join(parts) if parts is not None else ""
-            h.update(f"{key}\x1f{text}\x1f{parts_txt}\x1f{status}\x1e".encode("utf-8"))
+            h.update(f"{key}\x1f{text}\x1f{parts_txt}\x1f{status}\x1e".encode())
     return h.hexdigest()

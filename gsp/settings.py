@@ -8,7 +8,6 @@ Precedence, highest first: explicit arguments, environment, the YAML config file
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from functools import lru_cache
@@ -25,30 +24,27 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as _SourceError
 
+from gsp.errors import GspError, did_you_mean
+from gsp.llm.structured import StructuredMode
+
 #: The repository root (the package is installed editable from it).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ENV = "GSP_CONFIG"
 DEFAULT_CONFIG_FILE = "gsp.yaml"
 
 
-#: Accepted device names: what ``mc.train.resolve_device`` can use (also checked by ``gsp train --device``).
+#: Accepted device names: what ``mc.device.resolve_device`` can use (also checked by ``gsp train --device``).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
-class SettingsError(ValueError):
+class SettingsError(GspError, ValueError):
     """A setting or the config file is wrong. The message is one line naming the environment
     variable, config key or file, what was wrong and what is allowed; the CLI prints it as is."""
 
 
 class ConfigFileError(SettingsError):
     """The YAML config file is missing, unreadable, malformed or has unknown sections/keys."""
-
-
-def did_you_mean(name: str, choices) -> str:
-    """' (did you mean 'x'?)' for the closest valid name, or '' when none is close."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def config_file_path() -> Path | None:
@@ -88,7 +84,8 @@ def _read_config_file() -> dict[str, Any]:
                               f"({', '.join(SECTIONS)}), got {type(data).__name__}")
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise ConfigFileError(f"config file {path}: unknown section {unknown[0]!r}{did_you_mean(unknown[0], SECTIONS)}; "
+        raise ConfigFileError(f"config file {path}: "
+                              f"unknown section {unknown[0]!r}{did_you_mean(unknown[0], SECTIONS)}; "
                               f"sections are {', '.join(SECTIONS)}")
     return data
 
@@ -224,7 +221,7 @@ class LLMSettings(_Section):
     )
     api_key: SecretStr | None = Field(None, description="Bearer key; never logged or written.")
     model: str = Field("moonshot-v1-8k")
-    structured_output: Literal["json_schema", "json_object", "json_object_schema"] = "json_object"
+    structured_output: StructuredMode = "json_object"
     temperature: float = Field(0.3, ge=0, le=2)
     seed: int | None = Field(0, description="Sampling seed, sent where the server supports it.")
     max_tokens: int = Field(700, ge=16)
@@ -269,7 +266,7 @@ class LLMSettings(_Section):
     price_output_per_mtok: float | None = Field(None, ge=0)
     local_model_path: Path | None = Field(None, description="GGUF for the embedded server; default SmolLM2.")
     local_ctx: int = Field(4096, ge=512)
-    local_structured_output: Literal["json_schema", "json_object", "json_object_schema"] = Field(
+    local_structured_output: StructuredMode = Field(
         "json_object_schema", description="Structured-output mode sent to the embedded server. The default "
         "is llama.cpp's schema grammar; with plain json_object SmolLM2 failed every row on 10 demo signs.")
     local_frequency_penalty: float = Field(
@@ -311,15 +308,6 @@ class MCSettings(_Section):
     def _known_device(cls, value: str) -> str:
         if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"unknown device; use {DEVICE_CHOICES}")
-        return value
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        from mc.presets import PRESETS  # light (pydantic only); the names live with the recipes
-
-        if value not in PRESETS:
-            raise ValueError(f"unknown training preset{did_you_mean(value, PRESETS)}; choose one of {', '.join(PRESETS)}")
         return value
 
 

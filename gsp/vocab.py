@@ -29,6 +29,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from gsp.errors import GspError
+
 ID_COLUMNS = ("classid", "class_id", "label", "id")
 #: Known language codes (ISO 639-1) and the names the prompts use; see the module docstring.
 LANGUAGE_NAMES = {"en": "English", "tr": "Turkish", "zh": "Chinese", "de": "German", "fr": "French",
@@ -40,7 +42,7 @@ GLOSS_COLUMNS = ("gloss", "lang")
 UNKNOWN_LANG = "und"
 
 
-class VocabError(ValueError):
+class VocabError(GspError, ValueError):
     """The vocabulary file is unusable; the message names the file, row and field."""
 
 

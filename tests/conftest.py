@@ -50,8 +50,9 @@ def demo_kb(tmp_path) -> Path:
 def demo_index(tmp_path_factory) -> Path:
     """The bundled knowledge base ingested once per test session (read-only for tests)."""
     from gsp.index import ingest
+    from gsp.settings import KnowledgeBaseSettings
 
     index_dir = tmp_path_factory.mktemp("demo_index") / "index"
-    report = ingest(KB_DIR, index_dir)
+    report = ingest(KB_DIR, index_dir, KnowledgeBaseSettings())
     assert report.ok, [d.error for d in report.failed]
     return index_dir

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BODY_PARTS = ("body", "left_hand", "right_hand", "mouth", "face")
@@ -145,7 +145,7 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
@@ -155,7 +155,7 @@ class FakeOpenAI:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -226,7 +226,8 @@ class FakeOpenAI:
             def _refuse_key(self) -> bool:
                 if server.require_key is None or self.headers.get("Authorization") == f"Bearer {server.require_key}":
                     return False
-                self._send(401, b'{"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}')
+                self._send(401, b'{"error": {"message": "Incorrect API key provided", '
+                                b'"type": "invalid_request_error"}}')
                 return True
 
             def do_GET(self) -> None:

@@ -2,14 +2,22 @@
 all four kinds or explicit failed rows, re-runs make zero requests, references are resolved for
 P3 from the knowledge base, glosses without a hit are recorded, the key never leaks."""
 
+import asyncio
 import json
 import logging
 
 import pandas as pd
 import pytest
+from fake_openai import FakeOpenAI, Fault
 
-from fake_openai import Fault, FakeOpenAI
-from gsp.generate import GenerationError, generate_descriptions
+from gsp.generate import (
+    GenerationError,
+    describe_planned,
+    finalize_planned,
+    generate_descriptions,
+    generation_session,
+    prepare_run,
+)
 from gsp.schema import BODY_PARTS, KINDS, read_kind, read_manifest, read_run, resolve_run_dir
 from gsp.settings import PROJECT_ROOT, Settings
 from gsp.vocab import load_vocabulary
@@ -138,3 +146,24 @@ def test_price_table_gives_cost(srv, tmp_path):
     assert run.manifest["cost"] == pytest.approx((2.0 * t["prompt"] + 10.0 * t["completion"]) / 1e6)
     frames = read_run(run.run_dir, ok_only=False)
     assert sum(int(f["prompt_tokens"].sum()) for f in frames.values()) == t["prompt"]
+
+
+def test_flow_pieces_take_plain_data_and_share_one_session(srv, tmp_path):
+    """What the Prefect tasks do: the plan travels as JSON, batches find the flow's session by its
+    id; a batch in a process without that session (a remote worker) opens its own, and its usage
+    still reaches the manifest."""
+    settings = settings_for(srv, tmp_path)
+    plan = json.loads(json.dumps(prepare_run(DEMO_VOCAB, settings=settings, use_index=False, limit=4).to_dict()))
+    assert KEY not in json.dumps(plan)
+
+    async def flow_like():
+        async with generation_session(settings) as session:
+            shared = await describe_planned(plan, plan["labels"][:2], session.id)
+            elsewhere = await describe_planned(plan, plan["labels"][2:], "gen-in-another-process")
+            return finalize_planned(plan, [shared, elsewhere], session), shared, elsewhere
+
+    run, shared, elsewhere = asyncio.run(flow_like())
+    assert "usage" not in shared and elsewhere["usage"]["Tb"]["requests"] == 2
+    assert run.failed == 0 and run.manifest["requests"] == srv.request_count == 4 * 4
+    assert run.manifest["run_id"] == plan["run_id"]
+    assert sorted(read_kind(run.run_dir, "Tb")["label"]) == plan["labels"]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from fake_openai import FakeOpenAI, Fault
 
-from fake_openai import Fault, FakeOpenAI
 from gsp.llm.cache import ResponseCache
 from gsp.schema import KINDS, read_kind, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT

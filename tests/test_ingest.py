@@ -22,9 +22,15 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.index import CHUNKS_FILE, INDEX_FILE, MANIFEST_FILE, ingest
-from gsp.retrieval import Retriever
+from gsp.retrieval import HybridRetriever
+from gsp.settings import KnowledgeBaseSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+KB = KnowledgeBaseSettings()  # the index settings: defaults (the tests set no GSP_KB_*)
+
+
+def load(index_dir: Path) -> HybridRetriever:
+    return HybridRetriever.load(index_dir, KB)
 
 
 def _chunks(index_dir: Path):
@@ -37,7 +43,7 @@ def _manifest(index_dir: Path) -> dict:
 
 def test_ingest_writes_plain_index_files(demo_kb, tmp_path):
     index_dir = tmp_path / "index"
-    report = ingest(demo_kb, index_dir)
+    report = ingest(demo_kb, index_dir, KB)
     assert report.ok
     assert sorted(p.name for p in index_dir.iterdir()) == sorted([INDEX_FILE, CHUNKS_FILE, MANIFEST_FILE])
     chunks = _chunks(index_dir)
@@ -72,7 +78,7 @@ def test_cjk_text_survives_extraction_and_chunking(demo_index):
 
 
 def test_entries_stay_with_their_headword(demo_index):
-    from gsp.sign_source import load_sign_source
+    from demo.sign_source import load_sign_source
 
     chunks = _chunks(demo_index)
     source = load_sign_source()
@@ -83,17 +89,18 @@ def test_entries_stay_with_their_headword(demo_index):
     assert not missing, f"entries without a headword chunk: {missing}"
     # An entry that fits in one chunk is one chunk that starts with its headword line.
     for sign in source.signs[:10]:
-        rows = with_head[with_head["headword"].str.upper().isin({sign.gloss.upper(), sign.gloss.upper().replace("_", " ")})]
+        names = {sign.gloss.upper(), sign.gloss.upper().replace("_", " ")}
+        rows = with_head[with_head["headword"].str.upper().isin(names)]
         first = rows.iloc[0]
         assert first["text"].upper().startswith(first["headword"].upper())
 
 
 @pytest.mark.parametrize("which", [0, 7, 15, 23, 31])
 def test_search_finds_entry_by_english_and_native_gloss(demo_index, which):
-    from gsp.sign_source import load_sign_source
+    from demo.sign_source import load_sign_source
 
     sign = load_sign_source().signs[which]
-    retr = Retriever.load(demo_index)
+    retr = load(demo_index)
     for query in (sign.gloss.replace("_", " "), sign.native):
         hits = retr.search(query, k=3)
         assert hits, query
@@ -109,7 +116,7 @@ def test_search_finds_chinese_gloss(demo_index):
     assert zh_sources, "the Chinese demo source is missing"
     entries = yaml.safe_load(zh_sources[0].read_text(encoding="utf-8"))
     entries = entries["entries"] if isinstance(entries, dict) else entries
-    retr = Retriever.load(demo_index)
+    retr = load(demo_index)
     checked = 0
     for entry in entries[:4]:
         gloss = entry.get("gloss_zh") or entry.get("zh") or entry.get("gloss")
@@ -140,11 +147,11 @@ def test_search_without_index_is_a_clear_error(tmp_path):
 
 def test_reingest_embeds_only_changed_documents(demo_kb, tmp_path):
     index_dir = tmp_path / "index"
-    first = ingest(demo_kb, index_dir)
+    first = ingest(demo_kb, index_dir, KB)
     before_chunks = _chunks(index_dir)
     before_vecs = faiss.read_index(str(index_dir / INDEX_FILE)).reconstruct_n(0, len(before_chunks))
 
-    again = ingest(demo_kb, index_dir)
+    again = ingest(demo_kb, index_dir, KB)
     assert again.embedded_chunks == 0
     assert again.reused_chunks == first.chunks
     assert not any(d.embedded for d in again.documents)
@@ -157,7 +164,7 @@ def test_reingest_embeds_only_changed_documents(demo_kb, tmp_path):
     pdf.set_font("helvetica", size=12)
     pdf.multi_cell(0, 8, "ZEBRA (zebra)\nBoth hands with the '5' handshape draw stripes down the chest.")
     pdf.output(str(extra))
-    third = ingest(demo_kb, index_dir)
+    third = ingest(demo_kb, index_dir, KB)
     added = [d for d in third.documents if d.embedded]
     assert [d.file for d in added] == ["extra.pdf"]
     assert third.embedded_chunks == added[0].chunks
@@ -169,11 +176,11 @@ def test_reingest_embeds_only_changed_documents(demo_kb, tmp_path):
         after_vecs[old_rows.to_numpy()],
         before_vecs[[before_chunks.index[before_chunks["chunk_id"] == c][0] for c in after.loc[old_rows, "chunk_id"]]],
     )
-    assert Retriever.load(index_dir).search("zebra", k=1)[0].file == "extra.pdf"
+    assert load(index_dir).search("zebra", k=1)[0].file == "extra.pdf"
 
     # Remove it again: it leaves the index.
     extra.unlink()
-    fourth = ingest(demo_kb, index_dir)
+    fourth = ingest(demo_kb, index_dir, KB)
     assert fourth.removed == ["extra.pdf"]
     assert fourth.embedded_chunks == 0
     assert "extra.pdf" not in set(_chunks(index_dir)["file"])
@@ -181,13 +188,13 @@ def test_reingest_embeds_only_changed_documents(demo_kb, tmp_path):
 
 def test_changed_document_is_reembedded(demo_kb, tmp_path):
     index_dir = tmp_path / "index"
-    ingest(demo_kb, index_dir)
+    ingest(demo_kb, index_dir, KB)
     target = sorted(demo_kb.rglob("*.pdf"))[0]
     writer = PdfWriter(clone_from=str(target))
     writer.add_metadata({"/Subject": "edited"})  # new bytes, same text
     with open(target, "wb") as fh:
         writer.write(fh)
-    report = ingest(demo_kb, index_dir)
+    report = ingest(demo_kb, index_dir, KB)
     changed = [d for d in report.documents if d.embedded]
     assert [d.file for d in changed] == [target.relative_to(demo_kb).as_posix()]
     assert report.embedded_chunks == changed[0].chunks > 0
@@ -221,7 +228,7 @@ def _make_bad_files(kb: Path) -> dict[str, str]:
 def test_bad_documents_are_reported_and_the_rest_indexed(demo_kb, tmp_path):
     expected = _make_bad_files(demo_kb)
     index_dir = tmp_path / "index"
-    report = ingest(demo_kb, index_dir)
+    report = ingest(demo_kb, index_dir, KB)
     failed = {d.file: d.reason for d in report.failed}
     assert failed == expected
     for d in report.failed:
@@ -254,23 +261,21 @@ def test_ingest_cli_exit_status_and_messages(demo_kb, tmp_path):
 
 def test_failed_rebuild_keeps_the_old_index(demo_kb, tmp_path, monkeypatch):
     index_dir = tmp_path / "index"
-    first = ingest(demo_kb, index_dir)
+    first = ingest(demo_kb, index_dir, KB)
     before = (index_dir / INDEX_FILE).read_bytes(), _manifest(index_dir)
     # A different, unloadable embedding model forces a full rebuild that fails mid-way.
-    from gsp.settings import KnowledgeBaseSettings
-
     broken = KnowledgeBaseSettings(embedding_model=str(tmp_path / "no-such-model"))
     with pytest.raises(Exception, match="no-such-model"):
-        ingest(demo_kb, index_dir, settings=broken)
+        ingest(demo_kb, index_dir, broken)
     assert (index_dir / INDEX_FILE).read_bytes() == before[0]
     assert _manifest(index_dir) == before[1]
-    assert Retriever.load(index_dir).search("love", k=1)
+    assert load(index_dir).search("love", k=1)
     assert first.ok
 
 
 def test_kill_during_rebuild_keeps_the_old_index(demo_kb, tmp_path):
     index_dir = tmp_path / "index"
-    ingest(demo_kb, index_dir)
+    ingest(demo_kb, index_dir, KB)
     old_manifest = _manifest(index_dir)
     # Enough new text that embedding takes a while, so the kill lands mid-build.
     big = tmp_path / "big"
@@ -285,9 +290,10 @@ def test_kill_during_rebuild_keeps_the_old_index(demo_kb, tmp_path):
         f"""
         import sys
         from gsp.index import ingest
+        from gsp.settings import KnowledgeBaseSettings
         def progress(done, total):
             print("progress", done, total, flush=True)
-        ingest({str(big)!r}, {str(index_dir)!r}, progress=progress)
+        ingest({str(big)!r}, {str(index_dir)!r}, KnowledgeBaseSettings(), progress=progress)
         print("finished", flush=True)
         """
     )
@@ -297,17 +303,17 @@ def test_kill_during_rebuild_keeps_the_old_index(demo_kb, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert _manifest(index_dir) == old_manifest
-    retr = Retriever.load(index_dir)
+    retr = load(index_dir)
     assert len(retr) == old_manifest["counts"]["chunks"]
     assert retr.search("love", k=1)
     # The next run completes despite the debris of the killed one.
-    report = ingest(big, index_dir)
+    report = ingest(big, index_dir, KB)
     assert report.ok and report.chunks > old_manifest["counts"]["chunks"]
 
 
 def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
     index_dir = (tmp_path / "index").resolve()
-    ingest(demo_kb, index_dir)
+    ingest(demo_kb, index_dir, KB)
     old_manifest = _manifest(index_dir)
     # A real process dies between the two renames of the swap (old index → backup, new → index).
     script = textwrap.dedent(
@@ -320,7 +326,8 @@ def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
             if str(src) == {str(index_dir)!r}:
                 os._exit(9)
         os.replace = die_after_backup
-        ingest({str(demo_kb)!r}, {str(index_dir)!r})
+        from gsp.settings import KnowledgeBaseSettings
+        ingest({str(demo_kb)!r}, {str(index_dir)!r}, KnowledgeBaseSettings())
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -328,7 +335,7 @@ def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
     assert not index_dir.exists()
     backups = list(tmp_path.glob(".index.gsp-old-*"))
     assert len(backups) == 1 and _manifest(backups[0]) == old_manifest
-    retr = Retriever.load(index_dir)  # puts the backup back
+    retr = load(index_dir)  # puts the backup back
     assert len(retr) == old_manifest["counts"]["chunks"] and index_dir.is_dir()
     assert not backups[0].exists()
     assert sorted(p.name for p in index_dir.iterdir()) == sorted([INDEX_FILE, CHUNKS_FILE, MANIFEST_FILE])
@@ -339,16 +346,16 @@ def test_interrupted_swap_is_recovered(demo_kb, tmp_path):
     lookalike = tmp_path / ".index.gsp-staging-1-00000000"
     lookalike.mkdir()
     (lookalike / "keep.txt").write_text("mine", encoding="utf-8")
-    assert ingest(demo_kb, index_dir).ok
+    assert ingest(demo_kb, index_dir, KB).ok
     assert not debris[0].exists()
     assert (lookalike / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_handshape_chart_entries_are_found_by_their_id(demo_index):
     """Entries cite chart handshapes ("uses the '5' handshape"); P3 must find the chart entry."""
-    from gsp.sign_source import load_sign_source
+    from demo.sign_source import load_sign_source
 
-    retr = Retriever.load(demo_index)
+    retr = load(demo_index)
     for shape in load_sign_source().handshapes:
         top = retr.search(f"{shape.id} handshape", k=1)[0]
         assert top.exact and top.headword == shape.id, (shape.id, top)

@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
+from fake_openai import FakeOpenAI, Fault
 
-from fake_openai import Fault, FakeOpenAI
-from gsp.llm import Endpoint, LLMClient, ResponseCache, inline_schema
-from gsp.llm.client import FatalLLMError, LLMCallError, endpoint_host, retry_after_seconds
-from gsp.llm.structured import OutputInvalid, parse_json
+from gsp.llm.cache import ResponseCache
+from gsp.llm.client import Endpoint, FatalLLMError, LLMCallError, LLMClient, endpoint_host, retry_after_seconds
+from gsp.llm.structured import OutputInvalid, inline_schema, parse_json
 from gsp.prompts import DescriptionOut, PartsOut
 from gsp.settings import LLMSettings
 
@@ -56,7 +56,8 @@ def test_structured_output_modes(srv, tmp_path, mode, expected):
     fmt = body["response_format"]
     assert fmt["type"] == expected["type"]
     if mode == "json_schema":
-        assert fmt["json_schema"]["schema"]["properties"]["parts"]["items"]["properties"]["body_parts"]["items"]["enum"] \
+        parts_schema = fmt["json_schema"]["schema"]["properties"]["parts"]
+        assert parts_schema["items"]["properties"]["body_parts"]["items"]["enum"] \
             == ["body", "left_hand", "right_hand", "mouth", "face"]
     elif mode == "json_object_schema":
         assert "$ref" not in json.dumps(fmt["schema"]) and "parts" in fmt["schema"]["properties"]
@@ -94,8 +95,8 @@ def test_retries_exhausted_is_a_call_error_with_the_reason(srv, tmp_path):
 
 def test_auth_failure_is_fatal(tmp_path):
     # a real loopback server that refuses the key
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Refuse(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -330,7 +331,8 @@ def test_connect_failure_names_the_cause():
 def test_quality_check_re_asks_with_the_problem_and_fails_with_it(srv, tmp_path):
     srv.faults = [Fault("bad_text", total=1, text="./home.json")]
     client = make_client(srv, tmp_path)
-    check = lambda parsed: "quality: looks like a file path" if parsed.description.startswith("./") else None
+    def check(parsed):
+        return "quality: looks like a file path" if parsed.description.startswith("./") else None
 
     async def go(c):
         try:

@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from gsp.generate import generate_descriptions
-from gsp.llm import local_llm_server
+from gsp.llm.server import local_llm_server
 from gsp.prompts import DescriptionOut, PartsOut, synonyms_model
 from gsp.quality import text_problem
 from gsp.schema import BODY_PARTS, KINDS, read_run
@@ -47,7 +47,7 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     ok = {k: f[f["status"] == "ok"] for k, f in frames.items()}
     for text in list(ok["Tb"]["text"]) + list(ok["Tg"]["text"]):
         DescriptionOut(description=text)
-    for label, group in ok["Ts"].groupby("label"):
+    for _label, group in ok["Ts"].groupby("label"):
         synonyms_model(settings.llm.synonyms)(variants=list(group.sort_values("variant")["text"]))
     for parts in ok["Tp"]["body_parts"]:
         assert 1 <= len(parts) and set(parts) <= set(BODY_PARTS)

@@ -5,10 +5,10 @@ dictionary's prose in English and Chinese, the reference texts of every kind —
 import pytest
 import yaml
 
+from demo.reference_texts import reference_rows
+from demo.sign_source import load_sign_source
 from gsp.quality import MIN_WORDS, count_words, is_gloss_echo, text_problem, texts_problem
 from gsp.settings import PROJECT_ROOT
-from gsp.sign_source import load_sign_source
-from mc.reference_texts import reference_rows
 
 KB = PROJECT_ROOT / "knowledge_base"
 

@@ -1,10 +1,15 @@
 """The description-artifact schema: keys, validation, atomic writes, fingerprints."""
 
-import pandas as pd
 import pytest
 
 from gsp.schema import (
-    COLUMNS, KINDS, SchemaError, content_fingerprint, read_kind, row_key, write_kind,
+    COLUMNS,
+    KINDS,
+    SchemaError,
+    content_fingerprint,
+    read_kind,
+    row_key,
+    write_kind,
 )
 
 

@@ -62,7 +62,8 @@ def test_unknown_sections_and_keys_are_refused_with_a_suggestion(tmp_path, monke
     with pytest.raises(ConfigFileError, match=r"unknown key llm.modle \(did you mean 'model'\?\)"):
         Settings()
     config.write_text("mcc:\n  seed: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigFileError, match=r"unknown section 'mcc' \(did you mean 'mc'\?\); sections are paths, kb, llm, mc"):
+    with pytest.raises(ConfigFileError,
+                       match=r"unknown section 'mcc' \(did you mean 'mc'\?\); sections are paths, kb, llm, mc"):
         Settings()
     config.write_text("kb:\n  chunk_size: 600\n  whatever: 1\n", encoding="utf-8")
     with pytest.raises(ConfigFileError, match="unknown key kb.whatever; valid keys of 'kb': embedding_model"):
@@ -78,3 +79,15 @@ def test_api_key_never_leaves_the_settings(monkeypatch):
     assert s.llm.api_key.get_secret_value() == "sk-very-secret"
     assert "sk-very-secret" not in repr(s.llm)
     assert "sk-very-secret" not in str(s.public_dict())
+
+
+def test_structured_output_modes_have_one_home():
+    from typing import get_args
+
+    from gsp.llm.structured import MODES
+    from gsp.settings import LLMSettings
+
+    for name in ("structured_output", "local_structured_output"):
+        assert get_args(LLMSettings.model_fields[name].annotation) == MODES
+    with pytest.raises(SettingsError, match="structured_output"):
+        LLMSettings(structured_output="xml")

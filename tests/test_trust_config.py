@@ -23,7 +23,7 @@ from mc.evaluate import load_inference
 from mc.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import toy_pyskl  # noqa: E402  (the shared small skeleton data set)
+from toy_data import toy_pyskl  # noqa: E402  (the shared small skeleton data set)
 
 torch.set_num_threads(1)
 GSP = str(Path(sys.executable).with_name("gsp"))
@@ -137,7 +137,8 @@ def test_misnamed_keypoint_preset_setting_names_the_variable(monkeypatch):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["train", "--data", "d.pkl", "--out", "o", "--preset", "tinyy"], ["--preset 'tinyy'", "did you mean 'tiny'", "slr500"]),
+    (["train", "--data", "d.pkl", "--out", "o", "--preset", "tinyy"],
+     ["--preset 'tinyy'", "did you mean 'tiny'", "slr500"]),
     (["train", "--data", "d.pkl", "--out", "o", "--stream", "joints"], ["--stream 'joints'", "bone_motion"]),
     (["train", "--data", "d.pkl", "--out", "o", "--device", "gpu"], ["--device 'gpu'", "auto, cpu, cuda"]),
     (["train", "--data", "d.pkl", "--out", "o", "--amp", "yes"], ["--amp 'yes'", "auto, on, off"]),
@@ -300,3 +301,17 @@ def test_train_logs_mc_info_on_stderr(run_with_gaps, tmp_path):
             "--batch-size", "10", "--threads", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert f"INFO mc.train: resuming {run} at epoch 1" in r.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "--limit", "0"], ["--limit", "gsp run --help"]),
+    (["train"], ["--data", "gsp train --help"]),
+    (["model", "summary", "--num-classes", "0"], ["--num-classes"]),
+    (["llm", "serve", "--port", "99999"], ["--port", "65535"]),
+    (["generate", "--vocab", "v.csv", "--labels", "a,b"], ["--labels", "a,b"]),
+])
+def test_option_errors_are_one_line_not_a_usage_box(args, needles):
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    one_error_line(result.output, *needles)
+    assert "╭" not in result.output

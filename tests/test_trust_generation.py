@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_openai import FakeOpenAI, Fault
 
-from fake_openai import Fault, FakeOpenAI
 from gsp.schema import LATEST_POINTER, read_kind, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT
 

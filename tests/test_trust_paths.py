@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_data import toy_pyskl
 from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.index import MANIFEST_FILE
-from test_train import toy_pyskl
 
 GSP = str(Path(sys.executable).with_name("gsp"))
 
@@ -208,8 +208,8 @@ def test_synth_refuses_a_folder_as_out(tmp_path):
 
 
 def test_synth_overwrites_its_own_data_set(tmp_path):
+    from demo.synthetic import is_synthetic_dataset
     from mc.data import load_samples
-    from mc.synthetic import is_synthetic_dataset
 
     out = tmp_path / "skeletons.pkl"
     first = gsp("synth", "--out", str(out), *SMALL_SYNTH)
@@ -278,3 +278,37 @@ def test_eval_and_ensemble_refuse_a_foreign_out_folder(tmp_path, tiny_data):
         result = gsp("ensemble", str(run), str(run), "--out", str(tmp_path / "fused"))
         assert result.exit_code == 0, result.output
     assert (tmp_path / "eval" / "test_scores.npz").is_file() and (tmp_path / "fused" / "test_scores.npz").is_file()
+
+
+# --- found by a second pass of careless inputs ------------------------------------------------
+
+
+def test_generate_refuses_a_file_or_user_folder_as_out(tmp_path):
+    vocab = tmp_path / "v.csv"
+    vocab.write_text("ClassId,EN\n1,love\n", encoding="utf-8")
+    target = tmp_path / "afile"
+    target.write_text("mine", encoding="utf-8")
+    args = ["generate", "--vocab", str(vocab), "--no-prefect", "--no-ingest", "--no-index"]
+    refused(gsp(*args, "--out", str(target)), str(target))
+    assert target.read_text(encoding="utf-8") == "mine"
+    mine = user_folder(tmp_path / "mine")
+    (mine / "LATEST").write_text("my own pointer", encoding="utf-8")
+    before = tree(mine)
+    refused(gsp(*args, "--out", str(mine)), str(mine))
+    assert tree(mine) == before
+
+
+def test_unwritable_output_names_the_file_not_a_temp_file(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine", encoding="utf-8")
+    line = refused(gsp("synth", "--out", str(blocker / "x.pkl"), "--samples-per-class", "8"), str(blocker / "x.pkl"))
+    assert ".tmp" not in line and ".pkl." not in line
+    assert blocker.read_text(encoding="utf-8") == "mine"
+
+
+def test_training_refused_for_bad_data_leaves_no_run_folder(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\nc0,x\n", encoding="utf-8")
+    out = tmp_path / "run"
+    refused(gsp("train", "--data", str(labels), "--out", str(out)), str(labels))
+    assert not out.exists()

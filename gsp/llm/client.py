@@ -27,8 +27,9 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,8 +38,9 @@ from aiolimiter import AsyncLimiter
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache, request_hash
-from gsp.llm.structured import OutputInvalid, response_format, validate_output
+from gsp.llm.structured import OutputInvalid, StructuredMode, response_format, validate_output
 from gsp.settings import LLMSettings
 
 log = logging.getLogger("gsp.llm")
@@ -51,7 +53,7 @@ class LLMCallError(RuntimeError):
     """A request failed for good (retries exhausted or a non-retryable HTTP error)."""
 
 
-class FatalLLMError(RuntimeError):
+class FatalLLMError(GspError, RuntimeError):
     """The endpoint refuses every request (bad key, no access, unknown model): stop the run."""
 
 
@@ -186,7 +188,7 @@ class CircuitBreaker:
         """A retry's backoff that ends early when the breaker opens (then the retry is refused)."""
         try:
             await asyncio.wait_for(self._opened.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -294,7 +296,7 @@ class Endpoint:
     base_url: str
     model: str
     api_key: str | None = None
-    structured_output: str = "json_object"
+    structured_output: StructuredMode = "json_object"
     #: What identifies the server in cache keys. The embedded server listens on a new free port
     #: each run, so its URL must not be part of the key, or no local run would ever hit the cache.
     identity: str | None = None
@@ -340,6 +342,17 @@ class LLMClient:
 
     def stage(self, name: str) -> StageUsage:
         return self.usage.setdefault(name, StageUsage())
+
+    def usage_counts(self) -> dict[str, dict[str, int]]:
+        """The counters per stage as plain data (see :meth:`add_usage`)."""
+        return {name: asdict(u) for name, u in sorted(self.usage.items())}
+
+    def add_usage(self, counts: dict[str, dict[str, int]]) -> None:
+        """Add another client's :meth:`usage_counts` (a batch described in another process)."""
+        for name, fields in counts.items():
+            usage = self.stage(name)
+            for key, value in fields.items():
+                setattr(usage, key, getattr(usage, key) + value)
 
     def usage_dict(self) -> dict[str, dict[str, Any]]:
         s = self.settings

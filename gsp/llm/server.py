@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
+
+from gsp.errors import GspError
 
 log = logging.getLogger("gsp.llm")
 
@@ -25,8 +27,8 @@ LOCAL_MODEL_ALIAS = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class LocalServerError(RuntimeError):
-    pass
+class LocalServerError(GspError, RuntimeError):
+    """The embedded llama.cpp server cannot start or answer (named: the model file, the package, the log)."""
 
 
 def smollm2_gguf_path() -> Path:

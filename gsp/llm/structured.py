@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ValidationError
 
+#: How the JSON shape is requested (see the module docstring); the settings accept exactly these.
 StructuredMode = Literal["json_schema", "json_object", "json_object_schema"]
-MODES: tuple[str, ...] = ("json_schema", "json_object", "json_object_schema")
+MODES: tuple[StructuredMode, ...] = get_args(StructuredMode)
 
 
 class OutputInvalid(ValueError):
@@ -46,7 +47,7 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return inlined
 
 
-def response_format(mode: str, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+def response_format(mode: StructuredMode, name: str, schema: dict[str, Any]) -> dict[str, Any]:
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": False}}
     if mode == "json_object":
