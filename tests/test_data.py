@@ -7,38 +7,22 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from toy_data import keypoint_clip, pyskl_annotation
 
 from mc.data import SampleError, SkeletonDataset, load_samples, write_pyskl
 from mc.keypoints import get_layout
 
 
-def _kp(t: int, seed: int = 0) -> np.ndarray:
-    """A plausible (t, 133, 3) clip: points around a body with shoulders 40 px apart."""
-    rng = np.random.default_rng(seed)
-    x = np.zeros((t, 133, 3), dtype=np.float32)
-    x[..., :2] = rng.uniform(100, 200, (t, 133, 2))
-    x[:, 5, :2] = (170, 120)
-    x[:, 6, :2] = (130, 120)
-    x[..., 2] = rng.uniform(0.5, 1.0, (t, 133))
-    return x
-
-
-def _ann(frame_dir: str, label, t: int = 12, people: int = 1, seed: int = 0) -> dict:
-    clips = np.stack([_kp(t, seed + p) for p in range(people)])
-    return {"frame_dir": frame_dir, "label": label, "keypoint": clips[..., :2],
-            "keypoint_score": clips[..., 2], "total_frames": t, "img_shape": (480, 640)}
-
-
 @pytest.fixture
 def pyskl_file(tmp_path):
-    anns = [_ann(f"v{i}", i % 3, seed=i) for i in range(6)]
+    anns = [pyskl_annotation(f"v{i}", i % 3, seed=i) for i in range(6)]
     return write_pyskl(tmp_path / "ann.pkl", anns, {"train": ["v0", "v1", "v2", "v3"], "test": ["v4", "v5"]})
 
 
 def _npy_folder(tmp_path, rows: list[tuple[str, str]], header: str | None = "sample_id,label", t: int = 10):
     for sid, _ in rows:
-        np.save(tmp_path / f"{sid}.npy", _kp(t, seed=len(sid)))
-    lines = ([header] if header else []) + [f"{s},{l}" for s, l in rows]
+        np.save(tmp_path / f"{sid}.npy", keypoint_clip(t, seed=len(sid)))
+    lines = ([header] if header else []) + [f"{s},{label}" for s, label in rows]
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     return tmp_path
 
@@ -53,14 +37,14 @@ def test_pyskl_split_and_arrays(pyskl_file):
     assert [s.label for s in test] == [1, 2]
     kp = train[1].keypoints()
     assert kp.shape == (12, 133, 3) and kp.dtype == np.float32
-    np.testing.assert_allclose(kp, _kp(12, seed=1))
+    np.testing.assert_allclose(kp, keypoint_clip(12, seed=1))
     assert len(load_samples(pyskl_file, None)) == 6
     with pytest.raises(SampleError, match=r"no split 'val'; available: \['test', 'train'\]"):
         load_samples(pyskl_file, "val")
 
 
 def test_pyskl_keeps_the_most_confident_person(tmp_path):
-    ann = _ann("multi", 0, people=2)
+    ann = pyskl_annotation("multi", 0, people=2)
     ann["keypoint_score"][1] = 1.0  # second person tracked with full confidence
     path = write_pyskl(tmp_path / "m.pkl", [ann], {"train": ["multi"]})
     kp = load_samples(path, "train")[0].keypoints()
@@ -84,15 +68,15 @@ def test_pyskl_refuses_code_in_the_pickle(tmp_path):
 
 
 def test_pyskl_bad_samples_name_the_sample_and_can_be_skipped(tmp_path):
-    good = _ann("good", 1)
-    nan = _ann("has_nan", 0)
+    good = pyskl_annotation("good", 1)
+    nan = pyskl_annotation("has_nan", 0)
     nan["keypoint"][0, 3, 7, 0] = np.nan
-    empty = _ann("empty", 0, t=0)
-    shape = _ann("shape", 0)
+    empty = pyskl_annotation("empty", 0, t=0)
+    shape = pyskl_annotation("shape", 0)
     shape["keypoint"] = shape["keypoint"][:, :, :17]
     shape["keypoint_score"] = shape["keypoint_score"][:, :, :17]
-    badlabel = _ann("badlabel", -2)
-    frames = _ann("frames", 0)
+    badlabel = pyskl_annotation("badlabel", -2)
+    frames = pyskl_annotation("frames", 0)
     frames["total_frames"] = 99
     anns = [good, nan, empty, shape, badlabel, frames]
     split = {"train": ["good", "has_nan", "empty", "shape", "badlabel", "frames", "ghost"]}
@@ -100,7 +84,8 @@ def test_pyskl_bad_samples_name_the_sample_and_can_be_skipped(tmp_path):
     with pytest.raises(SampleError, match=r"sample 'has_nan'.*non-finite value at frame 3, point 7") as info:
         load_samples(path, "train")
     assert "6 bad sample(s) in split 'train'" in str(info.value)  # all of them, not the first
-    assert all(f"sample {sid!r}" in str(info.value) for sid in ("has_nan", "empty", "shape", "badlabel", "frames", "ghost"))
+    assert all(f"sample {sid!r}" in str(info.value)
+               for sid in ("has_nan", "empty", "shape", "badlabel", "frames", "ghost"))
     samples = load_samples(path, "train", skip_bad=True)
     assert [s.sample_id for s in samples] == ["good"]
     reasons = dict(samples.skipped)
@@ -157,7 +142,7 @@ def test_npy_bad_input(tmp_path):
     np.save(folder / "wrong.npy", np.zeros((5, 17, 3), dtype=np.float32))
     with (folder / "labels.csv").open("a") as fh:
         fh.write("gone,0\nnotint,abc\n")
-    np.save(folder / "notint.npy", _kp(4))
+    np.save(folder / "notint.npy", keypoint_clip(4))
     with pytest.raises(SampleError, match=r"sample 'wrong'.*shape \(5, 17, 3\)") as info:
         load_samples(folder, split=None)
     assert "4 bad sample(s)" in str(info.value)  # every one, values scanned up front

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fake_openai import FakeOpenAI
+from toy_data import keypoint_clip, pyskl_annotation, toy_descriptions, toy_pyskl
+
 from gsp.schema import row_key, write_kind
 from gsp.settings import PROJECT_ROOT
 from gsp.vocab import VocabError, load_vocabulary
@@ -28,8 +29,6 @@ from mc.text_features import (
     coverage_warning,
     description_coverage,
 )
-from test_data import _ann, _kp
-from test_train import toy_descriptions, toy_pyskl
 
 torch.set_num_threads(1)
 GSP = [sys.executable, "-m", "cli.main"]
@@ -51,10 +50,10 @@ def _pyskl_with_nans(path: Path, bad_train: list[str], bad_test: list[str] = ())
     """A small pyskl file (4 good train + 2 good test clips) plus NaN clips in either split."""
     anns, split = [], {"train": [], "test": []}
     for i in range(6):
-        anns.append(_ann(f"ok{i}", i % 3, seed=i))
+        anns.append(pyskl_annotation(f"ok{i}", i % 3, seed=i))
         split["train" if i < 4 else "test"].append(f"ok{i}")
     for k, sid in enumerate([*bad_train, *bad_test]):
-        ann = _ann(sid, 1, seed=10 + k)
+        ann = pyskl_annotation(sid, 1, seed=10 + k)
         ann["keypoint"][0, k + 1, 7 + k, 0] = np.nan  # a different frame/point each, to check the reasons
         anns.append(ann)
         split["train" if sid in bad_train else "test"].append(sid)
@@ -81,12 +80,12 @@ def test_gsp_train_names_every_bad_npy_file_and_skip_bad_trains_on_the_rest(tmp_
     folder.mkdir()
     rows = ["sample_id,label,split"]
     for i in range(9):
-        np.save(folder / f"ok{i}.npy", _kp(12, seed=i))
+        np.save(folder / f"ok{i}.npy", keypoint_clip(12, seed=i))
         rows.append(f"ok{i},{i % 3},{'train' if i < 6 else 'test'}")
-    nan = _kp(12, seed=20)
+    nan = keypoint_clip(12, seed=20)
     nan[4, 9, 1] = np.nan
     np.save(folder / "has_nan.npy", nan)
-    inf = _kp(12, seed=21).astype(np.float64)
+    inf = keypoint_clip(12, seed=21).astype(np.float64)
     inf[11, 100, 2] = np.inf
     np.save(folder / "has_inf.npy", inf)
     np.save(folder / "flat.npy", np.zeros((12, 17, 3), np.float32))
@@ -136,9 +135,9 @@ def test_skip_bad_logs_each_bad_sample_and_a_summary(tmp_path, caplog):
 
 
 def test_many_bad_samples_list_twenty_reasons_then_every_other_id(tmp_path):
-    anns = [_ann("good", 0)]
+    anns = [pyskl_annotation("good", 0)]
     ids = [f"bad{i:03d}" for i in range(35)]
-    anns += [_ann(sid, 99) for sid in ids]  # label out of range for num_classes=3
+    anns += [pyskl_annotation(sid, 99) for sid in ids]  # label out of range for num_classes=3
     data = write_pyskl(tmp_path / "many.pkl", anns, {"train": ["good", *ids]})
     with pytest.raises(SampleError) as info:
         load_samples(data, "train", num_classes=3)
@@ -153,7 +152,7 @@ def test_npy_value_scan_streams_the_file_through_its_memory_map(tmp_path):
     big = np.random.default_rng(0).uniform(0, 1, (frames, 133, 3))  # float64: ~26 MB on disk
     big[frames - 5, 60, 0] = np.nan
     np.save(tmp_path / "long.npy", big)
-    np.save(tmp_path / "fine.npy", _kp(8))
+    np.save(tmp_path / "fine.npy", keypoint_clip(8))
     (tmp_path / "labels.csv").write_text("long,0\nfine,1\n")
     del big
     tracemalloc.start()
@@ -268,11 +267,11 @@ def test_failed_and_untagged_rows_do_not_count(tmp_path, st_spec, caplog):
                 "sources": [], "error": None if status == "ok" else "model output was not a description"}
 
     run = tmp_path / "run"
-    write_kind(run, "Tb", [row(l, "Tb", 0, f"sign {l}") for l in range(3)])
+    write_kind(run, "Tb", [row(lab, "Tb", 0, f"sign {lab}") for lab in range(3)])
     write_kind(run, "Tg", [row(0, "Tg", 0, "The right hand taps the chin twice."),
                            row(1, "Tg", 0, "The flat hand circles the chest."),
                            row(2, "Tg", 0, "", status="failed")])
-    write_kind(run, "Ts", [row(l, "Ts", 0, f"the hand moves {l} times") for l in range(3)])
+    write_kind(run, "Ts", [row(lab, "Ts", 0, f"the hand moves {lab} times") for lab in range(3)])
     write_kind(run, "Tp", [row(0, "Tp", 0, "right hand taps the chin", ["right_hand"]),
                            row(1, "Tp", 0, "something with no body part"),
                            row(2, "Tp", 0, "mouth rounds", ["mouth"])])
