@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -209,6 +209,14 @@ class KnowledgeBaseSettings(_Section):
     dense_weight: float = Field(0.5, ge=0, le=1, description="Weight of the dense score in hybrid search.")
     headword_bonus: float = Field(0.5, ge=0, description="Added when the query is a chunk's headword.")
 
+
+    @field_validator("chunk_overlap")
+    @classmethod
+    def _overlap_below_size(cls, value: int, info: ValidationInfo) -> int:
+        size = info.data.get("chunk_size")
+        if size is not None and value >= size:
+            raise ValueError(f"must be smaller than chunk_size ({size})")
+        return value
 
 class LLMSettings(_Section):
     section: ClassVar[str] = "llm"

@@ -108,6 +108,7 @@ def test_config_env_naming_a_missing_file(tmp_path):
     ("GSP_KB_CHUNK_SIZE", "10", ["GSP_KB_CHUNK_SIZE='10'", "greater than or equal to 50"]),
     ("GSP_LLM_STRUCTURED_OUTPUT", "bogus", ["GSP_LLM_STRUCTURED_OUTPUT='bogus'", "'json_schema'", "'json_object'"]),
     ("GSP_MC_DEVICE", "gpu", ["GSP_MC_DEVICE='gpu'", "auto, cpu, cuda"]),
+    ("GSP_KB_CHUNK_OVERLAP", "900", ["GSP_KB_CHUNK_OVERLAP='900'", "smaller than chunk_size (800)"]),
 ])
 def test_bad_environment_setting_is_one_line(var, value, needles):
     r = gsp("search", "love", env={var: value})
