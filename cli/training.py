@@ -168,13 +168,17 @@ def eval_cmd(
     split: str = typer.Option("test", "--split", help="Which split of the data to evaluate on."),
     out: Path | None = typer.Option(
         None, "--out", help="Where scores, confusion and metrics go.", show_default="RUN/eval-SPLIT"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str | None = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:N or mps.", show_default="GSP_MC_DEVICE, else auto"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Evaluate a run's last checkpoint: top-1/top-5, per-class accuracy, confusion matrix."""
+    from gsp.settings import get_settings
     from mc.evaluate import evaluate_checkpoint
 
+    if device is None:
+        device = get_settings().mc.device
     _check_device("--device", device)
     try:
         metrics = evaluate_checkpoint(run, data=data, split=split, out=out, device=device, skip_bad=skip_bad)

@@ -337,8 +337,8 @@ def _read_labels_csv(path: Path) -> list[tuple[int, str, str, str | None]]:
     except OSError as exc:
         raise SampleError(f"{path}: {exc}") from exc
     rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["sample_id", "label"]:
-        header = [c.strip().lower() for c in rows[0][1]]
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] in (["sample_id", "label"], ["id", "label"]):
+        header = ["sample_id"] + [c.strip().lower() for c in rows[0][1][1:]]
         rows = rows[1:]
     else:
         header = ["sample_id", "label", "split"][: max((len(r) for _, r in rows), default=2)]

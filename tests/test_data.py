@@ -132,6 +132,8 @@ def test_npy_csv_without_header_and_with_split_column(tmp_path):
     assert [s.sample_id for s in load_samples(tmp_path / "all.csv", split="test")] == ["x2"]
     (tmp_path / "train_labels.csv").write_text("x1,4\n")
     assert [s.sample_id for s in load_samples(tmp_path, split="train")] == ["x1"]
+    (tmp_path / "ids.csv").write_text("id,label\nx1,4\n")  # `id` is a header too, not a sample
+    assert [(s.sample_id, s.label) for s in load_samples(tmp_path / "ids.csv", split=None)] == [("x1", 4)]
 
 
 def test_npy_bad_input(tmp_path):

@@ -59,12 +59,19 @@ def test_train_config_from_settings_takes_every_mc_setting(mc_env, monkeypatch, 
     assert (cfg.seed, cfg.device) == (5, "cpu")
 
 
-def test_gsp_train_honours_the_settings(mc_env, toy_data, tmp_path):
+def test_gsp_train_and_eval_honour_the_settings(mc_env, toy_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--epochs", "1",
                                  "--frames", "16", "--batch-size", "8", "--threads", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert_settings_recorded(RunFolder(out).metrics)
+    # `gsp eval` takes its device from the same setting: asking for CUDA on this CPU machine is
+    # refused by name, which proves the setting was read (the explicit option still wins).
+    monkeypatch.setenv("GSP_MC_DEVICE", "cuda")
+    get_settings.cache_clear()
+    refused = CliRunner().invoke(app, ["eval", str(out)])
+    assert refused.exit_code == 2 and "cuda" in refused.output.lower(), refused.output
+    assert CliRunner().invoke(app, ["eval", str(out), "--device", "cpu"]).exit_code == 0
 
 
 def test_mc_flow_honours_the_settings(mc_env, toy_data, tmp_path):
