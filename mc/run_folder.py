@@ -87,19 +87,22 @@ class RunFolder(ScoresFolder):
         return self.root / f"eval-{split}"
 
 
-def _is_run_folder(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() or RunFolder(path).checkpoint.is_file()
+RUN_WHAT = "a gsp training run"
+
+
+def _has_checkpoint(path: Path) -> bool:  # a run folder from before markers existed
+    return RunFolder(path).checkpoint.is_file()
 
 
 def check_run_folder(out: Path | str) -> None:
     """Refuse ``out`` up front, creating nothing, unless :func:`claim_run_folder` would take it."""
-    check_replaceable(out, _is_run_folder, "a gsp training run")
+    check_replaceable(out, lambda p: (p / RUN_MARKER).is_file() or _has_checkpoint(p), RUN_WHAT)
 
 
 def claim_run_folder(out: Path | str) -> RunFolder:
     """A folder to train into: new, empty, or one of our runs (its marker, or a checkpoint from
     before markers existed); never a user's folder whose files would be written over."""
-    root = claim_folder(out, RUN_MARKER, "a gsp training run", lambda p: RunFolder(p).checkpoint.is_file())
+    root = claim_folder(out, RUN_MARKER, RUN_WHAT, _has_checkpoint)
     return RunFolder(root)
 
 

@@ -150,11 +150,18 @@ def test_ingest_into_an_empty_folder_builds_the_index(demo_kb, tmp_path):
     assert siblings(tmp_path) == ["empty", "kb"]  # no staging or backup folder left behind
 
 
-def test_empty_knowledge_base_is_an_error_and_keeps_the_index(demo_index, tmp_path):
+@pytest.fixture
+def index_copy(demo_index, tmp_path) -> Path:
+    """A private copy of the session's demo index, safe to (fail to) replace."""
     index = tmp_path / "index"
     index.mkdir()
     for f in demo_index.iterdir():
         (index / f.name).write_bytes(f.read_bytes())
+    return index
+
+
+def test_empty_knowledge_base_is_an_error_and_keeps_the_index(index_copy, tmp_path):
+    index = index_copy
     before = tree(index)
     empty_kb = tmp_path / "kb"
     empty_kb.mkdir()
@@ -164,11 +171,8 @@ def test_empty_knowledge_base_is_an_error_and_keeps_the_index(demo_index, tmp_pa
     assert tree(index) == before
 
 
-def test_knowledge_base_without_any_text_keeps_the_index(demo_index, tmp_path):
-    index = tmp_path / "index"
-    index.mkdir()
-    for f in demo_index.iterdir():
-        (index / f.name).write_bytes(f.read_bytes())
+def test_knowledge_base_without_any_text_keeps_the_index(index_copy, tmp_path):
+    index = index_copy
     before = tree(index)
     kb = tmp_path / "kb"
     kb.mkdir()
