@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -253,14 +253,19 @@ class GenerationSession:
 _SESSIONS: dict[str, GenerationSession] = {}
 
 
+#: A limit shared with other processes, awaited before every request with its token estimate
+#: (see :class:`gsp.llm.client.LLMClient`); provided by the caller, e.g. the flows.
+Throttle = Callable[[int], Awaitable[None]]
+
+
 @asynccontextmanager
-async def generation_session(settings: Settings) -> AsyncIterator[GenerationSession]:
+async def generation_session(settings: Settings, throttle: Throttle | None = None) -> AsyncIterator[GenerationSession]:
     """Response cache → endpoint (configured, after its preflight check, or the embedded server)
     → client; everything closed again on the way out, whatever happened."""
     cache = ResponseCache(settings.paths.cache)
     try:
         with llm_endpoint(settings) as (endpoint, concurrency, is_local):
-            client = LLMClient(endpoint, settings.llm, cache, concurrency=concurrency)
+            client = LLMClient(endpoint, settings.llm, cache, concurrency=concurrency, throttle=throttle)
             session = GenerationSession(id=f"gen-{secrets.token_hex(6)}", client=client, is_local=is_local)
             _SESSIONS[session.id] = session
             try:
@@ -511,18 +516,20 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
         return await describer.describe_all(entries)
 
 
-async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str) -> dict[str, Any]:
+async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str,
+                           throttle: Throttle | None = None) -> dict[str, Any]:
     """P1–P4 for ``labels`` of a planned run (:meth:`RunPlan.to_dict`), as plain data: what a
     flow's batch task does.
 
     The tasks of one flow run share the session the flow opened (found by its id), so they share
     one client and one set of limits. A task run in another process (a remote worker) finds no such
     session and opens its own for the batch; its usage travels back with the rows, and
-    :func:`finalize_planned` adds it to the run's."""
+    :func:`finalize_planned` adds it to the run's. ``throttle`` is for that own session: what
+    holds the endpoint's limits across such workers (the shared session has its own)."""
     run = RunPlan.from_dict(plan, labels)
     if session_id in _SESSIONS:
         return (await describe_batch(run, _SESSIONS[session_id].client, run.entries)).to_dict()
-    async with generation_session(run.settings) as own:
+    async with generation_session(run.settings, throttle=throttle) as own:
         result = await describe_batch(run, own.client, run.entries)
         return {**result.to_dict(), "usage": own.client.usage_counts()}
 
@@ -539,8 +546,8 @@ def finalize_planned(plan: dict[str, Any], batches: Sequence[dict[str, Any]], se
 # --- writing the run ------------------------------------------------------------------------
 
 _UPSTREAM = re.compile(r"^(?:upstream T[bg] failed: )+")
-_DETAIL_TAIL = re.compile(r"(?:: ['\"].*| \((?:after|still after) \d+ (?:attempt|answer)\(s\)\)| \(circuit breaker\)"
-                          r"| in \d+ of the last \d+ requests)$")
+_DETAIL_TAIL = re.compile(r"(?:: ['\"].*| \((?:after|still after) \d+ (?:attempt|answer)\(s\)[^()]*\)"
+                          r"| \(circuit breaker\)| in \d+ of the last \d+ requests)$")
 
 
 def failure_cause(error: str | None) -> str:
@@ -571,6 +578,18 @@ def failed_run_reason(failed: int, total: int, max_failed_share: float) -> str |
         return (f"{failed} of {total} rows failed ({failed / total:.0%}; "
                 f"GSP_LLM_MAX_FAILED_SHARE is {max_failed_share:.0%})")
     return None
+
+
+def attempt_totals(usage: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every HTTP attempt of the run over all stages: how many were sent, how many got an answer,
+    how many were retries, and the failed ones by cause (``HTTP 429``, ``HTTP 500``, ``connection``,
+    ``truncated body``, ``timeout``, ``unparseable body`` …; :func:`gsp.llm.client.attempt_cause`)."""
+    failed: Counter[str] = Counter()
+    for u in usage.values():
+        failed.update(u.get("failures") or {})
+    requests = sum(u["requests"] for u in usage.values())
+    return {"requests": requests, "ok": requests - sum(failed.values()),
+            "retries": sum(u["retries"] for u in usage.values()), "failed": dict(sorted(failed.items()))}
 
 
 def format_causes(causes: Sequence[dict[str, Any]], top: int = 3) -> str:
@@ -622,6 +641,10 @@ class RunResult:
         cost = f", cost {m['cost']:.4f}" if m.get("cost") is not None else ""
         lines.append(f"  total: {t['prompt']}+{t['completion']} tokens this run{cost}; "
                      f"{self.failed} failed row(s); {len(m['no_retrieval_hit'])} gloss(es) without a dictionary hit")
+        a = m.get("attempts") or {}
+        if a.get("failed"):
+            lines.append(f"  attempts: {a['requests']} sent, {a['ok']} answered, {a['retries']} retries; failed: "
+                         + ", ".join(f"{c} ×{n}" for c, n in a["failed"].items()))
         if m["failure_causes"]:
             lines.append(f"  failure causes: {format_causes(m['failure_causes'], top=5)}")
         lines.append(f"  status: {m['status']}; manifest: {self.manifest_path}")
@@ -699,6 +722,7 @@ def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local
                    "cached_prompt": sum(u["cached_prompt_tokens"] for u in usage.values()),
                    "cached_completion": sum(u["cached_completion_tokens"] for u in usage.values())},
         "requests": sum(u["requests"] for u in usage.values()),
+        "attempts": attempt_totals(usage),
         "cached_responses": sum(u["cached"] for u in usage.values()),
         "cost": sum(costs) if costs else None,
         "timings": {"wall_s": round(time.monotonic() - plan.started_monotonic, 3),

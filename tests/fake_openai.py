@@ -12,6 +12,10 @@ every text in it is ``text``: a file path, a gloss echoed back …). A fault app
 whose text contains ``only_if`` (default: all), for the first ``times`` attempts of each distinct
 body (``None``: always).
 
+A seeded fault *mix* (:class:`FaultMix`): each attempt draws one kind at random with the given
+shares (or none), as an endpoint that misbehaves now and then does; the draw is a function of the
+seed, the body and its attempt number, so a run meets the same faults whatever the request order.
+
 ``require_key``: every request without ``Authorization: Bearer <require_key>`` gets HTTP 401, as
 a provider answers a wrong key. ``models_endpoint=False``: ``GET /models`` answers 404, as some
 OpenAI-compatible servers do.
@@ -50,6 +54,34 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {self.kind!r}; expected one of {FAULT_KINDS}")
+
+
+@dataclass
+class FaultMix:
+    """Faults drawn per attempt: ``shares`` maps a kind to the share of attempts that meet it
+    (``{"429": 0.1, "500": 0.1, "drop": 0.05, "truncated": 0.05, "slow": 0.03}``). Applies to
+    attempts no explicit :class:`Fault` took."""
+
+    shares: dict[str, float]
+    seed: int = 0
+    retry_after: float = 1.0
+    delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.shares if k not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault {unknown[0]!r}; expected one of {FAULT_KINDS}")
+        if any(v < 0 for v in self.shares.values()) or sum(self.shares.values()) > 1:
+            raise ValueError("fault shares must be non-negative and sum to at most 1")
+
+    def draw(self, digest: str, attempt: int) -> Fault | None:
+        h = hashlib.sha256(f"{self.seed}:{digest}:{attempt}".encode()).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64
+        for kind, share in self.shares.items():
+            if u < share:
+                return Fault(kind, times=None, retry_after=self.retry_after, delay_s=self.delay_s)
+            u -= share
+        return None
 
 
 @dataclass
@@ -127,6 +159,7 @@ class FakeOpenAI:
         self.models_endpoint = models_endpoint
         self.gets: list[str] = []   # paths of the GET requests (the endpoint check)
         self.faults: list[Fault] = []
+        self.fault_mix: FaultMix | None = None
         self.records: list[Record] = []
         self.bodies: dict[str, dict] = {}
         self._attempts: dict[str, int] = defaultdict(int)
@@ -192,7 +225,7 @@ class FakeOpenAI:
                 with self._lock:
                     fault.applied += 1
                 return fault
-        return None
+        return self.fault_mix.draw(digest, attempt) if self.fault_mix is not None else None
 
     def _record(self, *args) -> None:
         with self._lock:

@@ -5,8 +5,12 @@
 - a concurrency limit (``asyncio.Semaphore``), requests- and tokens-per-minute limits
   (``aiolimiter``);
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
-  unparseable bodies, honouring ``Retry-After`` (``tenacity``; the SDK's own retries are off so
-  that one policy, with one set of counters, governs every attempt);
+  truncated or unparseable bodies, honouring ``Retry-After`` (``tenacity``; the SDK's own retries
+  are off so that one policy, with one set of counters, governs every attempt), bounded per request
+  in time (``retry_budget_s``) and in attempts (``max_retries``; a 429 counts only against the
+  time); every attempt's outcome is counted per stage and cause;
+- an optional ``throttle`` awaited before every attempt, for a limit shared with other processes
+  (the caller provides it: a Prefect global concurrency limit, say);
 - structured output validated with pydantic and, optionally, a quality check of its content, with a
   bounded number of re-asks that show the model what was wrong (:mod:`gsp.llm.structured`);
 - a circuit breaker: when most recent attempts failed for the same cause, no further request is
@@ -26,8 +30,8 @@ import json
 import logging
 import socket
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +40,7 @@ import httpx
 import openai
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache, request_hash
@@ -119,6 +123,85 @@ def describe_error(exc: BaseException) -> str:
         cause = exc.__cause__ or exc
         return f"connection error: {type(cause).__name__}: {str(cause)[:200]}"
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def is_rate_limited(exc: BaseException | None) -> bool:
+    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
+
+
+def _is_truncated_body(exc: BaseException) -> bool:
+    """The answer's headers came but its body ended early (h11: "peer closed connection without
+    sending complete message body"); a dropped connection ends before any answer."""
+    node: BaseException | None = exc
+    for _ in range(8):
+        if node is None:
+            return False
+        if "complete message body" in str(node):
+            return True
+        node = node.__cause__ or node.__context__
+    return False
+
+
+def attempt_cause(exc: BaseException | None) -> str:
+    """The accounting category of a failed attempt, finer than the breaker's (a 429 and a truncated
+    body are causes here): ``HTTP <status>``, ``timeout``, ``truncated body``, ``connection``,
+    ``unparseable body`` or the exception's type."""
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "truncated body" if _is_truncated_body(exc) else "connection"
+    if isinstance(exc, UnparseableResponse):
+        return "unparseable body"
+    return type(exc).__name__
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """A request's token estimate for the rate limits: its messages at ~4 characters a token,
+    plus the answer it may get."""
+    return len(json.dumps(body["messages"], ensure_ascii=False)) // 4 + body["max_tokens"]
+
+
+class RetryBudget:
+    """When one request stops retrying (tenacity's ``stop``, asked after each retryable failure):
+    once ``max_retries`` failures other than 429 are retried, or when the next backoff would end more
+    than ``budget_s`` after the first failure. A 429 is the server pacing us (its Retry-After is
+    honoured) and counts only against the time. Timed from the first failure, not the first attempt:
+    waiting for a slot or the rate limiters is not retrying."""
+
+    def __init__(self, max_retries: int, budget_s: float):
+        self.max_retries, self.budget_s = max_retries, budget_s
+        self.first_failure: float | None = None
+        self.counted = 0
+        self.causes: Counter[str] = Counter()
+        self.spent: str | None = None  # which bound ended the retries, in words
+
+    def __call__(self, state: RetryCallState) -> bool:
+        now = time.monotonic()
+        if self.first_failure is None:
+            self.first_failure = now
+        exc = state.outcome.exception() if state.outcome else None
+        self.causes[attempt_cause(exc)] += 1
+        if not is_rate_limited(exc):
+            self.counted += 1
+        if self.counted > self.max_retries:
+            self.spent = f"GSP_LLM_MAX_RETRIES={self.max_retries} retries spent"
+        elif self.elapsed() + (state.upcoming_sleep or 0.0) > self.budget_s:
+            self.spent = f"retry budget GSP_LLM_RETRY_BUDGET_S={self.budget_s:g} s spent"
+        return self.spent is not None
+
+    def elapsed(self) -> float:
+        return 0.0 if self.first_failure is None else time.monotonic() - self.first_failure
+
+    def outcome(self, attempts: int) -> str:
+        """The tail of a failed request's error: the attempts made, over how long, why no more
+        were made, and their causes (no parentheses inside: gsp.generate strips this tail to group
+        rows by cause)."""
+        if self.spent is None:  # a failure that is not retried (an HTTP 400, say)
+            return f"(after {attempts} attempt(s))"
+        causes = ", ".join(f"{c} ×{n}" for c, n in self.causes.most_common())
+        return f"(after {attempts} attempt(s) over {self.elapsed():.1f} s, {self.spent}; {causes})"
 
 
 def failure_cause(exc: BaseException) -> str | None:
@@ -262,12 +345,16 @@ class StageUsage:
     requests: int = 0          # HTTP calls made in this run (every attempt)
     cached: int = 0            # answers served from the cache
     retries: int = 0           # attempts after a retryable failure
+    failures: dict[str, int] = field(default_factory=dict)  # failed attempts by attempt_cause
     repairs: int = 0           # re-asks after schema-invalid output or a rejected text
     rejected: int = 0          # answers whose texts failed the quality check
     prompt_tokens: int = 0     # tokens of the calls made in this run (what is billed now)
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+
+    def count_failure(self, cause: str) -> None:
+        self.failures[cause] = self.failures.get(cause, 0) + 1
 
     def cost(self, price_in: float | None, price_out: float | None) -> float | None:
         if price_in is None and price_out is None:
@@ -314,7 +401,10 @@ class LLMClient:
     """Async chat client with cache, limits, retries and structured output. Use one per event loop."""
 
     def __init__(self, endpoint: Endpoint, settings: LLMSettings, cache: ResponseCache | None = None,
-                 concurrency: int | None = None):
+                 concurrency: int | None = None, throttle: Callable[[int], Awaitable[None]] | None = None):
+        """``throttle``, when given, is awaited before every attempt with its token estimate, after
+        this client's own limits: a limit shared with other processes (this package never knows
+        whose)."""
         self.endpoint = endpoint
         self.settings = settings
         self.cache = cache
@@ -328,6 +418,7 @@ class LLMClient:
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
         self.breaker = CircuitBreaker(settings.breaker_window, settings.breaker_failure_share)
+        self.throttle = throttle
         self.usage: dict[str, StageUsage] = {}
 
     @staticmethod
@@ -343,16 +434,20 @@ class LLMClient:
     def stage(self, name: str) -> StageUsage:
         return self.usage.setdefault(name, StageUsage())
 
-    def usage_counts(self) -> dict[str, dict[str, int]]:
+    def usage_counts(self) -> dict[str, dict[str, Any]]:
         """The counters per stage as plain data (see :meth:`add_usage`)."""
         return {name: asdict(u) for name, u in sorted(self.usage.items())}
 
-    def add_usage(self, counts: dict[str, dict[str, int]]) -> None:
+    def add_usage(self, counts: dict[str, dict[str, Any]]) -> None:
         """Add another client's :meth:`usage_counts` (a batch described in another process)."""
         for name, fields in counts.items():
             usage = self.stage(name)
             for key, value in fields.items():
-                setattr(usage, key, getattr(usage, key) + value)
+                if isinstance(value, dict):
+                    for cause, n in value.items():
+                        getattr(usage, key)[cause] = getattr(usage, key).get(cause, 0) + n
+                else:
+                    setattr(usage, key, getattr(usage, key) + value)
 
     def usage_dict(self) -> dict[str, dict[str, Any]]:
         s = self.settings
@@ -393,8 +488,9 @@ class LLMClient:
                 return key, hit
 
         s = self.settings
+        budget = RetryBudget(s.max_retries, s.retry_budget_s)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(s.max_retries + 1),
+            stop=budget,
             wait=self._wait,
             sleep=self.breaker.sleep,
             retry=retry_if_exception(is_retryable),
@@ -416,7 +512,7 @@ class LLMClient:
             raise LLMCallError(f"not sent, endpoint failing: {exc} (circuit breaker)") from exc
         except Exception as exc:  # every failure mode becomes one clear, recorded reason
             attempts = retrying.statistics.get("attempt_number", 1)
-            raise LLMCallError(f"{describe_error(exc)} (after {attempts} attempt(s))") from exc
+            raise LLMCallError(f"{describe_error(exc)} {budget.outcome(attempts)}") from exc
         if self.cache is not None:
             self.cache.put(key, response)
         return key, response
@@ -431,7 +527,6 @@ class LLMClient:
         return response
 
     async def _send(self, body: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
-        s = self.settings
         kwargs: dict[str, Any] = {
             "model": body["model"],
             "messages": body["messages"],
@@ -446,22 +541,32 @@ class LLMClient:
         async with self._slots:
             if self._rpm is not None:
                 await self._rpm.acquire()
+            estimate = estimate_tokens(body)
             if self._tpm is not None:
-                estimate = len(json.dumps(body["messages"], ensure_ascii=False)) // 4 + body["max_tokens"]
-                await self._tpm.acquire(min(estimate, s.tokens_per_minute))
+                await self._tpm.acquire(min(estimate, self.settings.tokens_per_minute))
+            if self.throttle is not None:
+                await self.throttle(estimate)
             if self.breaker.is_open:  # it may have opened while this request waited for a slot
                 raise CircuitOpen(self.breaker.reason)
             usage.requests += 1
-            replica = min(range(len(self._sdks)), key=self._in_flight.__getitem__)
-            self._in_flight[replica] += 1
             try:
-                completion = await self._sdks[replica].chat.completions.create(**kwargs)
-            except openai.APIError:
+                return await self._exchange(kwargs, usage)
+            except Exception as exc:  # every attempt sent is counted as ok or with its cause
+                usage.count_failure(attempt_cause(exc))
                 raise
-            except (ValueError, TypeError) as exc:  # body that is not a chat completion (bad JSON)
-                raise UnparseableResponse(f"unparseable response body: {exc}") from exc
-            finally:
-                self._in_flight[replica] -= 1
+
+    async def _exchange(self, kwargs: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
+        """One HTTP exchange with the least busy replica; its answer as plain data."""
+        replica = min(range(len(self._sdks)), key=self._in_flight.__getitem__)
+        self._in_flight[replica] += 1
+        try:
+            completion = await self._sdks[replica].chat.completions.create(**kwargs)
+        except openai.APIError:
+            raise
+        except (ValueError, TypeError) as exc:  # body that is not a chat completion (bad JSON)
+            raise UnparseableResponse(f"unparseable response body: {exc}") from exc
+        finally:
+            self._in_flight[replica] -= 1
         if isinstance(completion, str) or not getattr(completion, "choices", None):
             raise UnparseableResponse("response has no choices")
         choice = completion.choices[0]
