@@ -128,13 +128,17 @@ def train_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore an existing checkpoint in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and CI)."),
+    nproc_per_node: int = typer.Option(
+        1, "--nproc-per-node", min=1, help="Training processes on this machine (DistributedDataParallel under "
+        "torchrun; one GPU each on CUDA). --batch-size is the global batch, split over them."),
 ) -> None:
     """Train one stream; writes checkpoints, test scores and metrics.json into --out."""
     from pydantic import ValidationError
 
     from gsp.settings import get_settings
+    from mc.distributed import launch_training
     from mc.run_folder import RunFolder
-    from mc.train import TrainConfig, train
+    from mc.train import TrainConfig
 
     settings = get_settings()
     _check_names(preset=preset, stream=stream, layout=layout, ablation=ablation)
@@ -153,7 +157,7 @@ def train_cmd(
     except ValidationError as exc:
         fail(_validation_line(exc))
     try:
-        metrics = train(cfg)
+        metrics = launch_training(cfg, nproc_per_node)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     _print_metrics(

@@ -18,6 +18,11 @@ What it guarantees:
 - A checkpoint (model, optimizer, scaler, epoch, history) after every epoch, written atomically to
   the run folder (:mod:`mc.run_folder`); a re-run with the same ``out`` resumes from it.
 - TensorBoard scalars, a rich progress bar with loss and accuracy.
+- Several processes (DistributedDataParallel under ``torchrun``, launched by
+  :func:`mc.distributed.launch_training`): ``batch_size`` is the global batch, split over the
+  ranks; the contrastive loss sees the whole global batch and BatchNorm its statistics
+  (:mod:`mc.ddp`), so a step equals the single-process step on that batch. Rank 0 alone writes
+  the run folder; every rank resumes from its checkpoint.
 
 Entry points build the config from settings in one place, :meth:`TrainConfig.from_settings`.
 """
@@ -36,14 +41,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from gsp.atomic import atomic_path, write_json_atomic
+from mc import ddp
 from mc.data import SkeletonDataset, load_splits
 from mc.device import amp_dtype, amp_enabled, configure_determinism, resolve_device, seed_everything
 from mc.evaluate import EvaluationError, export_inference, load_checkpoint, predict_scores, write_eval_outputs
 from mc.keypoints import DEFAULT_KEYPOINT_SET, KEYPOINT_SETS, Layout, get_layout, layout_from_settings
-from mc.loss import ABLATIONS, composite_loss, hierarchical_contrastive_loss
+from mc.loss import ABLATIONS, BatchTexts, composite_loss, hierarchical_contrastive_loss
 from mc.model import GSPMCModel, ModelConfig, model_config_for, parameter_counts
 from mc.presets import DEFAULT_ALPHA, DEFAULT_TAU, get_recipe, learning_rate
 from mc.run_folder import RunFolder, check_run_folder, claim_run_folder
@@ -111,7 +118,8 @@ class TrainConfig(BaseModel):
         given = {k: v for k, v in overrides.items() if v is not None}
         if "layout" not in given:
             layout_from_settings(mc)  # checked here, so that a bad setting is named as its variable
-        base = {"preset": mc.preset, "layout": mc.keypoint_preset, "seed": mc.seed, "device": mc.device,
+        base = {"preset": mc.preset, "epochs": mc.epochs, "layout": mc.keypoint_preset, "seed": mc.seed,
+                "device": mc.device,
                 "num_workers": mc.num_workers, "text_encoder": EncoderSpec.from_settings(mc),
                 "text_cache": settings.paths.cache}
         return cls(**{**base, **given})
@@ -162,6 +170,31 @@ def _label_names(descriptions: Path | None, num_classes: int) -> list[str]:
 # --------------------------------------------------------------------------- one step
 
 
+class LossNet(nn.Module):
+    """The model and eq. 12 as one module, so that DistributedDataParallel (which wraps this)
+    traces its graph from the loss: a part projection whose part has no text in a batch is then
+    unused and left without a gradient, as in a single process."""
+
+    def __init__(self, model: GSPMCModel, alpha: float, tau: float, amp: bool):
+        super().__init__()
+        self.model, self.alpha, self.tau, self.amp = model, alpha, tau, amp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_all: torch.Tensor, texts: BatchTexts | None):
+        """Local CE on this rank's rows, L_con on the gathered global batch (``y_all``'s labels).
+        Returns (loss, cls_loss, con_loss or None, logits)."""
+        with torch.autocast(device_type=x.device.type, dtype=amp_dtype(x.device), enabled=self.amp):
+            outputs = self.model.forward_train(x, with_embeddings=texts is not None)
+        cls_loss = F.cross_entropy(outputs.logits.float(), y)
+        con_loss = None
+        if texts is not None:
+            # Only parts with texts are gathered: the same set on every rank (texts follow y_all).
+            parts = {k: ddp.gather_with_grad(v.float()) for k, v in outputs.part_embeddings.items()
+                     if k in (texts.parts or {})}
+            con_loss, _ = hierarchical_contrastive_loss(
+                ddp.gather_with_grad(outputs.global_embedding.float()), parts, y_all, texts, tau=self.tau)
+        return composite_loss(cls_loss, con_loss, self.alpha), cls_loss, con_loss, outputs.logits
+
+
 @dataclass
 class Learner:
     """What one optimisation step needs: the model, its optimizer and the loss settings. The bench
@@ -176,24 +209,26 @@ class Learner:
     switches: tuple[bool, bool, bool] = ABLATIONS["all"]
     alpha: float = DEFAULT_ALPHA
     tau: float = DEFAULT_TAU
+    #: What a step calls: LossNet over ``model``, wrapped in DistributedDataParallel by setup
+    #: when several processes train.
+    net: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = LossNet(self.model, self.alpha, self.tau, self.amp)
 
 
 def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, text_gen: torch.Generator) -> dict:
-    """One step on one batch: forward (autocast when AMP is on), L = L_cls + α·L_con (eq. 12),
-    backward, optimizer step. Returns the batch's losses, correct count and size."""
+    """One step on one batch (this rank's slice of the global batch): forward (autocast when AMP
+    is on), L = L_cls + α·L_con (eq. 12), backward, optimizer step. Returns this rank's losses,
+    correct count and size."""
     device = learner.device
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
-    with torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=learner.amp):
-        outputs = learner.model.forward_train(x, with_embeddings=learner.bank is not None)
-    cls_loss = F.cross_entropy(outputs.logits.float(), y)
-    con_loss = None
-    if learner.bank is not None:
-        texts = learner.bank.batch_texts(y, text_gen, *learner.switches)
-        con_loss, _ = hierarchical_contrastive_loss(
-            outputs.global_embedding.float(), {k: v.float() for k, v in outputs.part_embeddings.items()},
-            y, texts, tau=learner.tau)
-    loss = composite_loss(cls_loss, con_loss, learner.alpha)
+    y_all = ddp.gather_labels(y)
+    # Texts are drawn for the global batch, identically on every rank (same generator, same labels).
+    texts = learner.bank.batch_texts(y_all, text_gen, *learner.switches) if learner.bank is not None else None
+    loss, cls_loss, con_loss, logits = learner.net(x, y, y_all, texts)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}; lower the lr")
     learner.optimizer.zero_grad(set_to_none=True)
@@ -202,7 +237,7 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, text_gen: tor
     learner.scaler.update()
     return {"loss": float(loss.detach()), "cls": float(cls_loss.detach()),
             "con": float(con_loss.detach()) if con_loss is not None else 0.0,
-            "correct": int((outputs.logits.argmax(1) == y).sum()), "n": int(y.shape[0])}
+            "correct": int((logits.argmax(1) == y).sum()), "n": int(y.shape[0])}
 
 
 # --------------------------------------------------------------------------- setup
@@ -233,52 +268,90 @@ class TrainState:
 
 def setup(config: TrainConfig | dict) -> TrainState:
     """Claim the run folder, seed, load and check the data, build the text bank, model and
-    optimizer, and resume from the folder's checkpoint when there is one."""
+    optimizer, and resume from the folder's checkpoint when there is one. Under torchrun (a
+    process group already joined, :mod:`mc.distributed`) every rank runs this; rank 0 alone
+    writes the folder."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
     # Recorded absolute so `gsp eval RUN` finds the data from any folder.
     cfg = cfg.model_copy(update={"data": Path(cfg.data).resolve()})
     recipe = cfg.recipe()
+    ddp.per_rank_batch(recipe["batch_size"], ddp.world_size())  # refuse a global batch the ranks cannot share
     # Train only into a new or empty folder or one of our runs: never write over a user's folder.
     # Checked first; created only once the data has passed its checks (a refused run leaves no folder).
     check_run_folder(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    use_amp = amp_enabled(cfg.amp, device)
+    device = ddp.local_device(resolve_device(cfg.device))
     configure_determinism(device)
     seed_everything(cfg.seed)
 
     layout = get_layout(cfg.layout)
     splits = load_splits(cfg.data, (cfg.train_split, cfg.test_split), skip_bad=cfg.skip_bad)
     train_samples, test_samples = splits[cfg.train_split], splits[cfg.test_split]
-    run = claim_run_folder(cfg.out)
+    run = _claim(cfg.out)
     num_classes = int(max(max(s.label for s in train_samples), max(s.label for s in test_samples))) + 1
     train_ds = SkeletonDataset(train_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=True,
                                seed=cfg.seed, num_classes=num_classes,
                                transform=TransformConfig(**recipe["augment"]))
     test_ds = SkeletonDataset(test_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=False,
                               seed=cfg.seed, num_classes=num_classes)
-
-    bank = None
-    if cfg.uses_contrastive:
-        bank = build_text_bank(cfg.descriptions, cfg.text_encoder, cfg.text_cache, num_classes=num_classes,
-                               progress=cfg.progress, classes=sorted({s.label for s in train_samples})).to(device)
-
-    model_cfg = model_config_for(layout, num_classes, base_channels=recipe["base_channels"],
-                                 text_dim=bank.dim if bank is not None else None, dropout=recipe["dropout"])
-    model = GSPMCModel(model_cfg).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
-                                weight_decay=recipe["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
-    learner = Learner(model=model, optimizer=optimizer, scaler=scaler, device=device, amp=use_amp, bank=bank,
-                      switches=ABLATIONS[cfg.ablation], alpha=cfg.alpha, tau=cfg.tau)
+    bank = _text_bank(cfg, num_classes, sorted({s.label for s in train_samples}), device)
+    learner, model_cfg = _build_learner(cfg, recipe, layout, num_classes, bank, device)
     meta = {"stream": cfg.stream, "frames": recipe["frames"], "layout": layout.name,
             "labels": _label_names(cfg.descriptions, num_classes),
             # the classifier has max(label)+1 outputs; `gsp predict` ranks only classes that trained
             "trained_labels": sorted({int(s.label) for s in train_samples})}
 
+    # Every rank loads the checkpoint, so all start from the same weights and optimizer state.
     start_epoch, history, seconds = _resume(cfg, run, learner, model_cfg)
+    learner.net = ddp.data_parallel(learner.net, device, find_unused=bank is not None)
+    skipped = {"train": [list(x) for x in train_samples.skipped], "test": [list(x) for x in test_samples.skipped]}
+    return TrainState(cfg=cfg, recipe=recipe, run=run, layout=layout, train_ds=train_ds, test_ds=test_ds,
+                      skipped=skipped, num_classes=num_classes, learner=learner, model_cfg=model_cfg, meta=meta,
+                      writer=_writer(cfg, run, start_epoch), start_epoch=start_epoch, history=history,
+                      seconds=seconds)
 
+
+def _claim(out: Path) -> RunFolder:
+    """Rank 0 claims the run folder (marker and all); the others use it once it is there."""
+    run = claim_run_folder(out) if ddp.is_main() else None
+    ddp.barrier()
+    return run or RunFolder(Path(out))
+
+
+def _text_bank(cfg: TrainConfig, num_classes: int, classes: list[int], device: torch.device) -> TextBank | None:
+    if not cfg.uses_contrastive:
+        return None
+    bank = None
+    # Rank 0 encodes and fills the text-feature cache first; the others then read it from there.
+    for first in (True, False):
+        if ddp.is_main() == first:
+            bank = build_text_bank(cfg.descriptions, cfg.text_encoder, cfg.text_cache, num_classes=num_classes,
+                                   progress=cfg.progress and ddp.is_main(), classes=classes).to(device)
+        ddp.barrier()
+    return bank
+
+
+def _build_learner(cfg: TrainConfig, recipe: dict, layout: Layout, num_classes: int, bank: TextBank | None,
+                   device: torch.device) -> tuple[Learner, ModelConfig]:
+    use_amp = amp_enabled(cfg.amp, device)
+    model_cfg = model_config_for(layout, num_classes, base_channels=recipe["base_channels"],
+                                 text_dim=bank.dim if bank is not None else None, dropout=recipe["dropout"])
+    # With several processes BatchNorm uses the global batch's statistics (before the optimizer
+    # is built: the conversion keeps the parameters but replaces the modules).
+    model = ddp.sync_batchnorm(GSPMCModel(model_cfg).to(device), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
+                                weight_decay=recipe["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+    learner = Learner(model=model, optimizer=optimizer, scaler=scaler, device=device, amp=use_amp, bank=bank,
+                      switches=ABLATIONS[cfg.ablation], alpha=cfg.alpha, tau=cfg.tau)
+    return learner, model_cfg
+
+
+def _writer(cfg: TrainConfig, run: RunFolder, start_epoch: int):
+    """Rank 0's TensorBoard writer (None on the other ranks)."""
+    if not ddp.is_main():
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
     # Scalars are logged per epoch (step = epoch number); on resume, drop events a killed run wrote
@@ -286,10 +359,7 @@ def setup(config: TrainConfig | dict) -> TrainState:
     writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch + 1 if start_epoch else None)
     if start_epoch == 0:
         writer.add_text("config", json.dumps(cfg.model_dump(mode="json"), indent=1), 0)
-    skipped = {"train": [list(x) for x in train_samples.skipped], "test": [list(x) for x in test_samples.skipped]}
-    return TrainState(cfg=cfg, recipe=recipe, run=run, layout=layout, train_ds=train_ds, test_ds=test_ds,
-                      skipped=skipped, num_classes=num_classes, learner=learner, model_cfg=model_cfg, meta=meta,
-                      writer=writer, start_epoch=start_epoch, history=history, seconds=seconds)
+    return writer
 
 
 def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: ModelConfig) -> tuple[int, list, float]:
@@ -314,7 +384,8 @@ def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: Model
 
 
 def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
-    """Train one (0-based) epoch; record it, log it and checkpoint. Returns the epoch's record."""
+    """Train one (0-based) epoch; record it, log it and checkpoint. Returns the epoch's record
+    (over the global batches: the ranks' sums are added up)."""
     cfg, recipe, learner = state.cfg, state.recipe, state.learner
     t0 = time.perf_counter()
     lr = learning_rate(epoch, recipe["lr"], recipe["warmup_epochs"], recipe["milestones"], recipe["gamma"])
@@ -323,17 +394,9 @@ def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
     # Everything random in an epoch is seeded from (seed, epoch), so a resumed run repeats it.
     state.train_ds.set_epoch(epoch)
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))  # dropout etc.
-    shuffle_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 2))
     text_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 3))
-    loader = DataLoader(state.train_ds, batch_size=recipe["batch_size"], shuffle=True, generator=shuffle_gen,
-                        drop_last=len(state.train_ds) >= recipe["batch_size"], num_workers=cfg.num_workers,
-                        pin_memory=learner.device.type == "cuda",
-                        # Workers start from a clean server process, not a fork of this one: forked
-                        # from a process running Prefect's threads they died with exit code 1.
-                        multiprocessing_context="forkserver" if cfg.num_workers else None,
-                        persistent_workers=False)
-    epochs = recipe["epochs"]
-    task = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=len(loader), stats="") if progress else None
+    loader = _train_loader(state, torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 2)))
+    task = progress.add_task(f"epoch {epoch + 1}/{recipe['epochs']}", total=len(loader), stats="") if progress else None
     learner.model.train()
     sums = {"loss": 0.0, "cls": 0.0, "con": 0.0, "correct": 0, "n": 0}
     for step, (x, y, _) in enumerate(loader):
@@ -348,18 +411,34 @@ def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
         if progress is not None:
             progress.update(task, advance=1, stats=f"loss {sums['loss'] / sums['n']:.3f} "
                                                   f"acc {sums['correct'] / sums['n']:.3f} lr {lr:.4g}")
+    # A rank's loss is its own CE plus the global L_con; the mean over equal-sized ranks is the
+    # global batch's loss.
+    sums = dict(zip(sums, ddp.all_reduce_sum(list(sums.values()))))
     dt = time.perf_counter() - t0
     state.train_time += dt
-    state.samples_seen += sums["n"]
+    state.samples_seen += int(sums["n"])
     n = max(sums["n"], 1)
     record = {"epoch": epoch + 1, "lr": lr, "loss": sums["loss"] / n, "cls_loss": sums["cls"] / n,
               "con_loss": sums["con"] / n, "train_top1": sums["correct"] / n, "seconds": dt}
     state.history.append(record)
     state.seconds += dt
-    for k in ("loss", "cls_loss", "con_loss", "train_top1", "lr"):
-        state.writer.add_scalar(f"train/{k}", record[k], epoch + 1)
-    _save_checkpoint(state, epoch + 1)
+    if ddp.is_main():
+        for k in ("loss", "cls_loss", "con_loss", "train_top1", "lr"):
+            state.writer.add_scalar(f"train/{k}", record[k], epoch + 1)
+        _save_checkpoint(state, epoch + 1)
     return record
+
+
+def _train_loader(state: TrainState, shuffle_gen: torch.Generator) -> DataLoader:
+    """This rank's batches of one epoch: its slice of every global batch (all of it in one process)."""
+    cfg, batch = state.cfg, state.recipe["batch_size"]
+    batches = ddp.global_batches(len(state.train_ds), batch, shuffle_gen, drop_last=len(state.train_ds) >= batch)
+    return DataLoader(state.train_ds, batch_sampler=ddp.rank_slices(batches, ddp.rank(), ddp.world_size()),
+                      num_workers=cfg.num_workers, pin_memory=state.learner.device.type == "cuda",
+                      # Workers start from a clean server process, not a fork of this one: forked
+                      # from a process running Prefect's threads they died with exit code 1.
+                      multiprocessing_context="forkserver" if cfg.num_workers else None,
+                      persistent_workers=False)
 
 
 def _save_checkpoint(state: TrainState, epoch: int) -> None:
@@ -383,7 +462,16 @@ def _save_checkpoint(state: TrainState, epoch: int) -> None:
 
 
 def finish(state: TrainState) -> dict:
-    """Evaluate on the test split; write scores, confusion, ``export.pt`` and ``metrics.json``."""
+    """Evaluate on the test split; write scores, confusion, ``export.pt`` and ``metrics.json``.
+    Rank 0 evaluates the whole test split alone (the other ranks wait) and every rank returns
+    its metrics."""
+    if ddp.is_main():
+        metrics = _evaluate_and_write(state)
+    ddp.barrier()
+    return ddp.broadcast_object(metrics if ddp.is_main() else None)
+
+
+def _evaluate_and_write(state: TrainState) -> dict:
     cfg, recipe, learner, run = state.cfg, state.recipe, state.learner, state.run
     epochs = recipe["epochs"]
     t_eval = time.perf_counter()
@@ -418,6 +506,7 @@ def finish(state: TrainState) -> dict:
         "device": str(learner.device),
         "device_setting": cfg.device,
         "num_workers": cfg.num_workers,
+        "world_size": ddp.world_size(),
         "amp": learner.amp,
         "parameters": parameter_counts(learner.model),
         "text_bank": bank.summary() if bank is not None else None,
@@ -431,7 +520,7 @@ def finish(state: TrainState) -> dict:
 def train(config: TrainConfig | dict) -> dict:
     """Train one stream; return (and write to the run's ``metrics.json``) its test metrics."""
     state = setup(config)
-    with _progress(state.cfg.progress) as progress:
+    with _progress(state.cfg.progress and ddp.is_main()) as progress:
         for epoch in range(state.start_epoch, state.recipe["epochs"]):
             run_epoch(state, epoch, progress)
     return finish(state)
