@@ -8,6 +8,10 @@ id of the generation session the flow opened. The flow is async and opens one
 and therefore one set of concurrency and rate limits. A run with too many failed rows is written
 and reported, then the flow raises :class:`gsp.generate.RunFailed`, so the flow run ends Failed
 and a deployment alarms.
+
+A run started from a deployment announces a written, not-failed run with the event
+:data:`DESCRIPTIONS_EVENT` (payload: the run folder); the ``mc/train`` deployment's trigger in
+``prefect.yaml`` starts training on exactly that folder. A failed run announces nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +22,28 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import deployment as current_deployment
+from prefect.runtime import flow_run as current_flow_run
 
+from flows.fanout import fan_out, remove_shards
 from flows.ingest import ingest_task
 from gsp.errors import GspError
-from gsp.generate import RunFailed, describe_planned, finalize_planned, generation_session, open_session, prepare_run
+from gsp.generate import (
+    GenerationError,
+    RunFailed,
+    describe_planned,
+    finalize_planned,
+    generation_session,
+    open_session,
+    prepare_run,
+)
 from gsp.schema import KINDS, STATUS_OK
 from gsp.settings import Settings
+
+#: Emitted when a deployment's description run is written and did not fail; prefect.yaml's
+#: ``mc/train`` trigger expects it and takes ``payload.run_dir`` as its ``descriptions``.
+DESCRIPTIONS_EVENT = "gsp.descriptions.completed"
 
 
 class _HideExpectedFailures(logging.Filter):
@@ -154,16 +174,31 @@ def _samples(batches: list[dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
     return out
 
 
+def announce(written: dict[str, Any]) -> None:
+    """Tell the server a description run is ready (deployment runs only: `gsp run` trains on its
+    run itself, and a local `gsp generate` should not start training on a shared server)."""
+    if current_deployment.id is None:
+        return
+    run_id = written["manifest"]["run_id"]
+    emit_event(event=DESCRIPTIONS_EVENT,
+               resource={"prefect.resource.id": f"gsp.descriptions.{run_id}", "prefect.resource.name": run_id},
+               payload={"run_dir": written["run_dir"], "failed_rows": written["failed"],
+                        "flow_run_id": str(current_flow_run.id)})
+    get_run_logger().info("announced %s (%s)", written["run_dir"], DESCRIPTIONS_EVENT)
+
+
 @flow(name="gsp")
 async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | None = None,
                    index_dir: str | None = None, kb_dir: str | None = None, out_dir: str | None = None,
                    ingest: bool = True, use_index: bool = True, base_url: str | None = None,
                    model: str | None = None, structured_output: str | None = None,
-                   concurrency: int | None = None, synonyms: int | None = None) -> dict[str, Any]:
+                   concurrency: int | None = None, synonyms: int | None = None, shards: int = 1) -> dict[str, Any]:
     """Ingest (incremental) → P1–P4 per batch of signs → Tb/Ts/Tg/Tp parquet + manifest.
 
     Model settings not given here come from the environment (``GSP_LLM_*``); with no endpoint
-    configured the embedded local llama.cpp server is started for the run."""
+    configured the embedded local llama.cpp server is started for the run. ``shards`` > 1 splits
+    the signs into that many flow runs of ``gsp-shard/describe`` (flows.fanout), for several
+    workers; they share the endpoint's limits through Prefect global rate limits."""
     settings = build_settings(base_url=base_url, model=model, structured_output=structured_output,
                               concurrency=concurrency, synonyms=synonyms)
     if use_index and ingest:
@@ -171,14 +206,21 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
                              settings.kb.model_dump(mode="json"))
         index_dir = report["index_dir"]
     plan = plan_task(vocab, settings.public_dict(), index_dir, use_index, out_dir, labels, limit)
+    if shards > 1 and not settings.llm.base_url:
+        raise GenerationError("shards > 1 needs an endpoint (GSP_LLM_BASE_URL) that every worker shares; "
+                              "the embedded model answers one machine")
     async with generation_session(settings) as session:
-        # The batch tasks find this session by its id: they share its client (one set of limits).
-        # A task on a remote worker would not find it and opens its own (gsp.generate.describe_planned).
-        batches = [plan["labels"][i : i + settings.llm.batch_size]
-                   for i in range(0, len(plan["labels"]), settings.llm.batch_size)]
-        results = await asyncio.gather(*(batch_task(session.id, plan, b, i) for i, b in enumerate(batches)))
+        if shards > 1:
+            results = await fan_out(plan, shards)
+        else:
+            # The batch tasks find this session by its id: they share its client (one set of limits).
+            batches = [plan["labels"][i : i + settings.llm.batch_size]
+                       for i in range(0, len(plan["labels"]), settings.llm.batch_size)]
+            results = await asyncio.gather(*(batch_task(session.id, plan, b, i) for i, b in enumerate(batches)))
         written = write_task(session.id, plan, list(results))
+    remove_shards(plan)
     publish_task(written)
     if written["run_failed"]:
         raise RunFailed(written["failure_line"])
+    announce(written)
     return {k: written[k] for k in ("run_dir", "failed", "summary", "failure_line", "manifest_path")}

@@ -56,3 +56,17 @@ def demo_index(tmp_path_factory) -> Path:
     report = ingest(KB_DIR, index_dir, KnowledgeBaseSettings())
     assert report.ok, [d.error for d in report.failed]
     return index_dir
+
+
+@pytest.fixture
+def stack_env(tmp_path, demo_index):
+    """The environment a researcher would have: artifacts in a folder of their own, the endpoint
+    set (a loopback chat server), a short training (1 epoch of the tiny preset)."""
+    artifacts = tmp_path / "artifacts"
+    index = tmp_path / "index"
+    shutil.copytree(demo_index, index)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GSP_", "PREFECT_"))}
+    env.update({"GSP_ARTIFACTS_DIR": str(artifacts), "GSP_INDEX_DIR": str(index), "GSP_MC_EPOCHS": "1",
+                "GSP_MC_PRESET": "tiny", "GSP_LLM_MODEL": "fake-model", "GSP_LLM_CONCURRENCY": "4",
+                "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"})
+    return env

@@ -15,6 +15,7 @@ from fake_openai import FakeOpenAI
 from typer.testing import CliRunner
 
 from cli.main import app
+from gsp.errors import GspError
 from gsp.settings import get_settings
 from mc.run_folder import RunFolder
 from mc.train import TrainConfig
@@ -80,7 +81,10 @@ def test_mc_flow_honours_the_settings(mc_env, toy_data, tmp_path):
     use_local_prefect()
     from flows.mc_flow import mc_flow
 
-    result = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1)
+    # No description run exists: the flow refuses to guess, unless asked for the CE-only baseline.
+    with pytest.raises(GspError, match="no complete description run"):
+        mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1)
+    result = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1, contrastive=False)
     assert_settings_recorded(result["metrics_files"]["joint"])
 
 

@@ -1,0 +1,165 @@
+"""The README's deployment route, end to end, on a real Prefect server on loopback:
+`gsp up` → `prefect deployment run gsp/generate` → `mc/train` starts by itself on the gpu pool →
+`gsp down` leaves no process behind. Also how the stack copes with processes killed by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from fake_openai import FakeOpenAI
+from stack_helpers import GSP, PREFECT, ROOT, flow_runs, free_port, run, stack_processes, wait_for_runs
+
+
+def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
+    env = stack_env
+    home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
+    vocab = tmp_path / "vocab3.csv"
+    vocab.write_text("\n".join((ROOT / "knowledge_base" / "demo_vocab.csv").read_text().splitlines()[:4]) + "\n")
+    port = free_port()
+    with FakeOpenAI() as llm:
+        env["GSP_LLM_BASE_URL"] = llm.base_url
+        up = run(GSP + ["up", "--port", str(port)], env)
+        api = f"http://127.0.0.1:{port}/api"
+        assert f"export PREFECT_API_URL={api}" in up.stdout.splitlines()
+        env["PREFECT_API_URL"] = api
+        try:
+            state = json.loads((home / "stack.json").read_text())
+            again = run(GSP + ["up", "--port", str(port)], env)
+            assert "already up" in again.stdout
+            assert json.loads((home / "stack.json").read_text()) == state
+
+            # The README's route, as written: training follows by itself.
+            run(PREFECT + ["deployment", "run", "gsp/generate", "--param", f"vocab={vocab}"], env)
+            [generated] = wait_for_runs(env, "gsp/generate", 1, 240)
+            assert generated["state"] == "COMPLETED", generated
+            descriptions = Path(env["GSP_ARTIFACTS_DIR"]) / "descriptions"
+            latest = descriptions / (descriptions / "LATEST").read_text().strip()
+            assert {p.name for p in latest.glob("*.parquet")} == {"Tb.parquet", "Ts.parquet", "Tg.parquet",
+                                                                 "Tp.parquet"}
+            [trained] = wait_for_runs(env, "mc/train", 1, 300)
+            assert trained["state"] == "COMPLETED", trained
+            assert trained["parameters"]["descriptions"] == str(latest)
+            [run_folder] = (Path(env["GSP_ARTIFACTS_DIR"]) / "runs").iterdir()
+            metrics = json.loads((run_folder / "joint" / "metrics.json").read_text())
+            assert metrics["epochs"] == 1 and 0 <= metrics["top1"] <= 1
+            assert list((run_folder / "joint").glob("*.pt")), "no checkpoint or export"
+
+            # A generation that fails (its vocabulary is missing) ends Failed and starts nothing.
+            failed = run(PREFECT + ["deployment", "run", "gsp/generate", "--param", "vocab=missing.csv"], env)
+            assert failed.returncode == 0
+            runs = wait_for_runs(env, "gsp/generate", 2, 120)
+            assert sorted(r["state"] for r in runs) == ["COMPLETED", "FAILED"]
+            time.sleep(8)  # a trigger fires within a second or two of its event
+            assert len(flow_runs(env, "mc/train")) == 1
+            assert (descriptions / "LATEST").read_text().strip() == latest.name
+
+            status = json.loads(run(GSP + ["status", "--json"], env).stdout)
+            assert status["up"] and {d["name"] for d in status["deployments"]} >= {"gsp/generate", "mc/train"}
+            [schedule] = next(d for d in status["deployments"] if d["name"] == "mc/train")["schedules"]
+            assert schedule["active"] is False
+        finally:
+            down = run(GSP + ["down"], env, check=False)
+    assert down.returncode == 0, down.stderr
+    assert not (home / "stack.json").exists()
+    assert stack_processes(home) == []
+
+
+def test_a_stack_killed_by_hand_is_found_and_cleaned(stack_env):
+    env = stack_env
+    home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
+    port = free_port()
+    run(GSP + ["up", "--port", str(port)], env)
+    try:
+        for proc in stack_processes(home):
+            proc.kill()
+        psutil.wait_procs(stack_processes(home), timeout=10)
+        status = run(GSP + ["status"], env)
+        assert "does not answer" in status.stdout
+        # gsp up on a dead stack cleans it and starts afresh.
+        up = run(GSP + ["up", "--port", str(port)], env)
+        assert "cleaned a stack" in up.stdout and "stack up" in up.stdout
+        assert json.loads(run(GSP + ["status", "--json"], env).stdout)["up"]
+    finally:
+        down = run(GSP + ["down"], env, check=False)
+    assert down.returncode == 0, down.stderr
+    assert stack_processes(home) == []
+    assert "no stack is up" in run(GSP + ["down"], env).stdout
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period():
+    from flows.stack import alive, stop_tree
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+         "print('ready', flush=True)\ntime.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    stopped = stop_tree(stubborn.pid, grace_s=2.0)
+    # psutil reaps its children itself, so Popen cannot see the signal; the time shows it was not SIGTERM.
+    assert stopped == [stubborn.pid] and not alive(stubborn.pid)
+    assert time.monotonic() - t0 >= 2.0
+
+    obedient = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True)\nimport time\ntime.sleep(600)"],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert obedient.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    stop_tree(obedient.pid, grace_s=30.0)
+    assert not alive(obedient.pid) and time.monotonic() - t0 < 10
+
+
+def test_the_port_in_use_is_one_line(stack_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        done = run(GSP + ["up", "--port", str(busy.getsockname()[1])], stack_env, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: port") and "Traceback" not in done.stderr
+
+
+def test_down_marks_a_running_training_crashed_and_frees_its_slot(stack_env):
+    """The Prefect pitfall: a worker killed mid-run leaves the run Running, holding mc/train's
+    only concurrency slot, so every later training waits for ever."""
+    env = stack_env
+    home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
+    port = free_port()
+    run(GSP + ["up", "--port", str(port)], env)
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        run(PREFECT + ["deployment", "run", "mc/train", "--param", "contrastive=false", "--param", "epochs=500"], env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and [r["state"] for r in flow_runs(env, "mc/train")] != ["RUNNING"]:
+            time.sleep(2)
+        assert [r["state"] for r in flow_runs(env, "mc/train")] == ["RUNNING"]
+    finally:
+        down = run(GSP + ["down", "--grace", "5"], env, check=False)
+    assert down.returncode == 0, down.stderr
+    assert "marked Crashed" in down.stdout and "still holds" not in down.stdout
+    assert stack_processes(home) == []
+
+    # The same server again (its database is kept): the run is Crashed and the slot is free.
+    run(GSP + ["up", "--port", str(port)], env)
+    try:
+        assert [r["state"] for r in flow_runs(env, "mc/train")] == ["CRASHED"]
+        assert deployment_slots(env, "mc/train") == 0
+    finally:
+        run(GSP + ["down"], env, check=False)
+    assert stack_processes(home) == []
+
+
+def deployment_slots(env, name: str) -> int:
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> int:
+        async with PrefectClient(env["PREFECT_API_URL"]) as client:
+            deployment = await client.read_deployment_by_name(name)
+            return deployment.global_concurrency_limit.active_slots
+
+    return asyncio.run(read())
