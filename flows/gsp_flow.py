@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -28,6 +29,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from flows.fanout import fan_out, remove_shards
 from flows.ingest import ingest_task
+from gsp.diff import diff_summary_markdown
 from gsp.errors import GspError
 from gsp.generate import (
     GenerationError,
@@ -38,7 +40,7 @@ from gsp.generate import (
     open_session,
     prepare_run,
 )
-from gsp.schema import KINDS, STATUS_OK
+from gsp.schema import KINDS, LATEST_POINTER, STATUS_OK
 from gsp.settings import Settings
 
 #: Emitted when a deployment's description run is written and did not fail; prefect.yaml's
@@ -99,9 +101,9 @@ def build_settings(*, base_url: str | None = None, model: str | None = None, str
 
 @task(name="plan-description-run")
 def plan_task(vocab: str, settings: dict[str, Any], index_dir: str | None, use_index: bool, out_dir: str | None,
-              labels: list[int] | None, limit: int | None) -> dict[str, Any]:
+              labels: list[int] | None, limit: int | None, base: str | None = None) -> dict[str, Any]:
     plan = prepare_run(vocab, settings=Settings(**settings), index_dir=index_dir, use_index=use_index,
-                       out_dir=out_dir, labels=labels, limit=limit)
+                       out_dir=out_dir, labels=labels, limit=limit, base=base)
     get_run_logger().info("run %s: %d sign(s) from %s", plan.run_id, len(plan.entries), vocab)
     return plan.to_dict()
 
@@ -153,6 +155,27 @@ def publish_task(written: dict[str, Any]) -> None:
                              description="A few generated descriptions")
 
 
+def previous_latest(out_root: str) -> str | None:
+    """The run ``LATEST`` names before this run is written (None for a first run)."""
+    pointer = Path(out_root) / LATEST_POINTER
+    if not pointer.is_file():
+        return None
+    run_dir = Path(out_root) / pointer.read_text(encoding="utf-8").strip()
+    return str(run_dir) if run_dir.is_dir() else None
+
+
+@task(name="publish-diff")
+def publish_diff_task(previous: str, run_dir: str) -> None:
+    """What changed against the previous latest run, for reviewers in the UI (gsp diff has the rest)."""
+    try:
+        markdown = diff_summary_markdown(Path(previous), Path(run_dir))
+    except GspError as exc:  # an unreadable previous run costs the report, not the run
+        get_run_logger().warning("no diff against %s: %s", previous, exc)
+        return
+    create_markdown_artifact(key="gsp-description-diff", markdown=markdown,
+                             description=f"Changes against the previous latest run {Path(previous).name}")
+
+
 def _failure_markdown(written: dict[str, Any]) -> str:
     m = written["manifest"]
     lines = [f"# Description run `{m['run_id']}` failed", "", m["failure_reason"], "",
@@ -192,7 +215,8 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
                    index_dir: str | None = None, kb_dir: str | None = None, out_dir: str | None = None,
                    ingest: bool = True, use_index: bool = True, base_url: str | None = None,
                    model: str | None = None, structured_output: str | None = None,
-                   concurrency: int | None = None, synonyms: int | None = None, shards: int = 1) -> dict[str, Any]:
+                   concurrency: int | None = None, synonyms: int | None = None, shards: int = 1,
+                   base: str | None = None) -> dict[str, Any]:
     """Ingest (incremental) → P1–P4 per batch of signs → Tb/Ts/Tg/Tp parquet + manifest.
 
     Model settings not given here come from the environment (``GSP_LLM_*``); with no endpoint
@@ -205,10 +229,11 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
         report = ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
                              settings.kb.model_dump(mode="json"))
         index_dir = report["index_dir"]
-    plan = plan_task(vocab, settings.public_dict(), index_dir, use_index, out_dir, labels, limit)
+    plan = plan_task(vocab, settings.public_dict(), index_dir, use_index, out_dir, labels, limit, base)
     if shards > 1 and not settings.llm.base_url:
         raise GenerationError("shards > 1 needs an endpoint (GSP_LLM_BASE_URL) that every worker shares; "
                               "the embedded model answers one machine")
+    previous = previous_latest(plan["out_root"])
     async with generation_session(settings) as session:
         if shards > 1:
             results = await fan_out(plan, shards)
@@ -222,5 +247,7 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
     publish_task(written)
     if written["run_failed"]:
         raise RunFailed(written["failure_line"])
+    if previous and previous != written["run_dir"]:
+        publish_diff_task(previous, written["run_dir"])
     announce(written)
     return {k: written[k] for k in ("run_dir", "failed", "summary", "failure_line", "manifest_path")}
