@@ -39,6 +39,9 @@ def generate(
     prefect: bool = typer.Option(True, "--prefect/--no-prefect",
                                  help="Run as the Prefect flow 'gsp' (default) or as a plain library call."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (library mode)."),
+    base: Path | None = typer.Option(
+        None, "--base", help="The reviewed description run to honour (default: the --out folder's LATEST run): "
+        "approved and edited rows are kept, rejected ones asked again with the reviewer's note."),
 ) -> None:
     """Describe every sign of a vocabulary with P1–P4 (Tb, Ts, Tg, Tp) into a new description run.
 
@@ -57,11 +60,11 @@ def generate(
         result = asyncio.run(gsp_flow(
             vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
             kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
-            use_index=use_index))
+            use_index=use_index, base=str(base) if base else None))
         summary, failure_line = result["summary"], result["failure_line"]
     else:
         summary, failure_line = _generate_without_prefect(vocab, index, kb, out, limit, label_list, ingest,
-                                                          use_index, progress)
+                                                          use_index, progress, base)
     typer.echo(summary)
     if failure_line:
         err.print(f"[yellow]{escape(failure_line)}[/yellow]", highlight=False, soft_wrap=True)
@@ -70,7 +73,7 @@ def generate(
 
 def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, out: Path | None,
                               limit: int | None, labels: list[int] | None, ingest: bool, use_index: bool,
-                              progress: bool) -> tuple[str, str | None]:
+                              progress: bool, base: Path | None = None) -> tuple[str, str | None]:
     """The run as a plain library call: (summary, failure line); a failed run raises RunFailed
     after its summary is printed."""
     from gsp.generate import RunFailed, generate_descriptions
@@ -82,7 +85,7 @@ def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, 
 
         index = ingest_kb(kb or settings.paths.kb_dir, index or settings.paths.index, settings.kb).index_dir
     run = generate_descriptions(vocab, settings=settings, index_dir=index, use_index=use_index, out_dir=out,
-                                labels=labels, limit=limit, progress=progress and sys.stderr.isatty())
+                                labels=labels, limit=limit, progress=progress and sys.stderr.isatty(), base=base)
     if run.run_failed:
         typer.echo(run.summary())
         raise RunFailed(run.failure_line())

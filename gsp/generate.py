@@ -10,6 +10,10 @@ Ts still comes from the label when Tb failed. Every text passes the quality chec
 All signs run concurrently; the client's semaphore and rate limiters decide how many requests
 are in flight.
 
+A run honours the review of a base run (the output folder's ``LATEST`` or ``base``; see
+:class:`ReviewBase`): approved and edited rows are kept without a request, rejected rows and what
+depends on them are asked again, the reviewer's note in the prompt.
+
 One lifecycle for every caller: :func:`generation_session` (response cache → endpoint, configured
 or the embedded server → client → close). :func:`generate_descriptions` runs a whole plan in one
 session without Prefect; the Prefect flow opens the session itself and hands its tasks plain data
@@ -20,6 +24,7 @@ session without Prefect; the Prefect flow opens the session itself and hands its
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import secrets
@@ -43,7 +48,22 @@ from gsp.llm.structured import inline_schema
 from gsp.prompts import Prompt, load_prompts, output_model, schema_text
 from gsp.quality import is_quality_failure, texts_problem
 from gsp.retrieval import shared_retriever
-from gsp.schema import BODY_PARTS, KINDS, LATEST_POINTER, MANIFEST, STATUS_FAILED, STATUS_OK, row_key, write_kind
+from gsp.schema import (
+    BODY_PARTS,
+    KINDS,
+    LATEST_POINTER,
+    MANIFEST,
+    REVIEW_KEPT,
+    REVIEW_REGENERATED,
+    STATUS_FAILED,
+    STATUS_OK,
+    apply_review,
+    read_review,
+    read_run,
+    resolve_run_dir,
+    row_key,
+    write_kind,
+)
 from gsp.settings import Settings
 from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
 
@@ -129,6 +149,88 @@ def find_references(text: str) -> list[Reference]:
     return found
 
 
+# --- honouring a reviewed run ---------------------------------------------------------------
+
+#: The note a rejected text is asked again with when the reviewer wrote none: without a note the
+#: request would be the rejected one, and the response cache would answer it with the same text.
+DEFAULT_NOTE = "no reason was given; write a different answer"
+
+
+@dataclass
+class ReviewBase:
+    """What a base run's review means for the next run, by row key (:func:`load_review_base`).
+
+    ``kept``: approved and edited rows (also those a reviewed run kept before), copied into the
+    new run without a request. ``notes``: rows to ask again with the reviewer's note: rejected
+    now, or regenerated after an earlier rejection (asked with the same note, so the cache answers
+    with the regenerated text instead of the rejected one). Everything else is asked as usual.
+    What depends on a text is asked with the text the LLM wrote (an edited row's
+    ``original_text``), so only a regenerated text changes what depends on it."""
+
+    run_dir: Path | None = None
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    request_hashes: dict[str, str | None] = field(default_factory=dict)
+
+    def notes_of(self, keys: Iterable[str]) -> str | None:
+        """The notes of ``keys`` joined into one (``None`` when none of them is to be asked again)."""
+        found = list(dict.fromkeys(self.notes[k] for k in keys if k in self.notes))
+        return "; ".join(found) if found else None
+
+
+def base_run_dir(out_root: Path, base: Path | str | None) -> Path | None:
+    """The run to honour: ``base`` (a run, or a descriptions folder's LATEST run), else the
+    output folder's LATEST run, else none."""
+    if base is not None:
+        return resolve_run_dir(Path(base))
+    pointer = Path(out_root) / LATEST_POINTER
+    if pointer.is_file():
+        run = Path(out_root) / pointer.read_text(encoding="utf-8").strip()
+        return run if (run / MANIFEST).is_file() else None
+    return None
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read from parquet as plain Python values (what Prefect tasks pass around)."""
+    out = {k: (None if _is_null(v) else v.item() if hasattr(v, "item") else v) for k, v in row.items()
+           if k not in ("body_parts", "sources")}
+    out["body_parts"] = None if row.get("body_parts") is None else [str(p) for p in row["body_parts"]]
+    out["sources"] = [{"chunk_id": str(s["chunk_id"]), "file": str(s["file"]), "page": int(s["page"])}
+                      for s in (row.get("sources") if row.get("sources") is not None else [])]
+    return out
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def load_review_base(run_dir: Path | None) -> ReviewBase:
+    """Read ``run_dir``'s rows and review decisions (``gsp.schema.apply_review``) into a ReviewBase."""
+    if run_dir is None:
+        return ReviewBase()
+    decisions = read_review(run_dir)
+    raw = read_run(run_dir, ok_only=False)
+    base = ReviewBase(run_dir=Path(run_dir))
+    for df in raw.values():
+        base.request_hashes.update(zip(df["key"], df["request_hash"]))
+    for df in apply_review(raw, decisions).values():
+        for row in df.to_dict("records"):
+            key = row["key"]
+            if row["status"] == STATUS_OK and row["review"] in REVIEW_KEPT:
+                base.kept[key] = {**plain_row(row), "prompt_tokens": 0, "completion_tokens": 0}
+            elif key not in decisions and row["review"] == REVIEW_REGENERATED:
+                base.notes[key] = row["review_note"] or DEFAULT_NOTE
+    for key, d in decisions.items():
+        if d["decision"] == "reject":
+            base.notes[key] = (d.get("note") or "").strip() or DEFAULT_NOTE
+    return base
+
+
+def generated_text(row: dict[str, Any]) -> str:
+    """The text the LLM wrote for a kept row: what the rows that depend on it were asked with."""
+    return row.get("original_text") or row["text"]
+
+
 # --- the run plan ---------------------------------------------------------------------------
 
 @dataclass
@@ -145,6 +247,8 @@ class RunPlan:
     run_id: str
     started_at: str = field(default_factory=utc_now)
     started_monotonic: float = field(default_factory=time.monotonic)
+    base_dir: Path | None = None  # the run whose review this run honours (see ReviewBase)
+    review: ReviewBase = field(default_factory=lambda: ReviewBase())
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what a Prefect task receives): files, labels, ids and the
@@ -153,6 +257,7 @@ class RunPlan:
                 "labels": [e.label for e in self.entries], "run_id": self.run_id, "out_root": str(self.out_root),
                 "index_dir": str(self.index_dir) if self.index_dir else None,
                 "settings": self.settings.public_dict(), "started_at": self.started_at,
+                "base_dir": str(self.base_dir) if self.base_dir else None,
                 "started_unix": time.time() - (time.monotonic() - self.started_monotonic)}
 
     @classmethod
@@ -170,14 +275,19 @@ class RunPlan:
                    retriever=shared_retriever(index_dir, settings.kb) if index_dir else None,
                    index_dir=index_dir, out_root=Path(data["out_root"]), run_id=data["run_id"],
                    started_at=data["started_at"],
-                   started_monotonic=time.monotonic() - (time.time() - data["started_unix"]))
+                   started_monotonic=time.monotonic() - (time.time() - data["started_unix"]),
+                   base_dir=Path(data["base_dir"]) if data.get("base_dir") else None,
+                   review=load_review_base(Path(data["base_dir"]) if data.get("base_dir") else None))
 
 
 def prepare_run(vocab_path: Path | str, *, settings: Settings, index_dir: Path | None = None,
                 use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
                 limit: int | None = None, run_id: str | None = None,
-                retriever: PassageSearch | None = None) -> RunPlan:
-    """Load and check the vocabulary, prompts and index; choose the run id. Raises before any request."""
+                retriever: PassageSearch | None = None, base: Path | str | None = None) -> RunPlan:
+    """Load and check the vocabulary, prompts and index; choose the run id. Raises before any request.
+
+    ``base``: the description run whose review this run honours; default: the output folder's
+    ``LATEST`` run, when there is one (see :class:`ReviewBase`)."""
     vocabulary = load_vocabulary(vocab_path)
     entries = vocabulary.select(list(labels) if labels else None, limit)
     if not entries:
@@ -191,8 +301,10 @@ def prepare_run(vocab_path: Path | str, *, settings: Settings, index_dir: Path |
     out_root = Path(out_dir) if out_dir else settings.paths.descriptions
     # checked now, before any request; created only when the run is written (finalize_run)
     check_replaceable(out_root, _is_descriptions_root, DESCRIPTIONS_WHAT)
+    base_dir = base_run_dir(out_root, base)
     return RunPlan(settings=settings, vocabulary=vocabulary, entries=entries, prompts=prompts,
-                   retriever=retriever, index_dir=index_dir, out_root=out_root, run_id=run_id or new_run_id())
+                   retriever=retriever, index_dir=index_dir, out_root=out_root, run_id=run_id or new_run_id(),
+                   base_dir=base_dir, review=load_review_base(base_dir))
 
 
 DESCRIPTIONS_MARKER = ".gsp-descriptions"
@@ -343,6 +455,7 @@ class SignDescriber:
         self._search_lock = threading.Lock()
         self._search_memo: dict[tuple[str, int], list[Any]] = {}
         self.models = {key: output_model(key, self.k) for key in KIND_OF_PROMPT}
+        self.review = plan.review
         self.schemas = {key: inline_schema(model) for key, model in self.models.items()}
 
     # retrieval runs in a worker thread (embedding a query is CPU work) so requests keep flowing
@@ -398,9 +511,12 @@ class SignDescriber:
                     hits.append(hit)
         return hits
 
-    async def ask(self, key: str, entry: VocabEntry, **variables: Any) -> tuple[ChatResult | None, str | None]:
+    async def ask(self, key: str, entry: VocabEntry, note: str | None = None,
+                  **variables: Any) -> tuple[ChatResult | None, str | None]:
+        """One prompt for one sign; ``note``: a reviewer's note on the rejected text it replaces."""
         prompt = self.plan.prompts[key]
-        messages = prompt.render(gloss=entry.describe(), schema=schema_text(self.models[key]), **variables)
+        messages = prompt.render(gloss=entry.describe(), schema=schema_text(self.models[key]),
+                                 review_note=prompt.note_block(note), **variables)
         kind = KIND_OF_PROMPT[key]
         forms = [*entry.query_forms(), entry.gloss]
         started = time.monotonic()
@@ -416,7 +532,7 @@ class SignDescriber:
 
     def row(self, entry: VocabEntry, kind: str, variant: int, prompt: Prompt, result: ChatResult | None,
             text: str | None, error: str | None, sources: Sequence[dict], body_parts: list[str] | None = None,
-            with_tokens: bool = True) -> dict[str, Any]:
+            with_tokens: bool = True, note: str | None = None) -> dict[str, Any]:
         ok = error is None and text is not None
         return {
             "key": row_key(entry.label, kind, variant),
@@ -440,63 +556,122 @@ class SignDescriber:
             "status": STATUS_OK if ok else STATUS_FAILED,
             "error": None if ok else (error or "no output"),
             "created_at": utc_now(),
+            # asked again with a reviewer's note: a later run asks with the same note (see ReviewBase)
+            "review": REVIEW_REGENERATED if note is not None else None,
+            "review_note": note,
         }
 
     async def describe(self, entry: VocabEntry, out: BatchResult) -> None:
-        p = self.plan.prompts
         hits = await self.retrieve_gloss(entry)
         if not hits:
             out.no_hit.append({"label": entry.label, "gloss": entry.gloss})
-        sources = [hit_source(h) for h in hits]
-
-        tb_res, tb_err = await self.ask("P1", entry, passages=format_passages(hits))
-        tb_text = tb_res.parsed.description.strip() if tb_res and tb_res.ok else None
-        out.rows["Tb"].append(self.row(entry, "Tb", 0, p["P1"], tb_res, tb_text, tb_err, sources))
+        tb_text, tb_err, ts_basis = await self.primary(entry, hits, out)
         self.on_done("Tb")
 
         async def synonyms() -> None:
-            res, err = await self.ask("P2", entry, k=self.k, primary=tb_text or "(none)")
-            variants = [v.strip() for v in res.parsed.variants] if res and res.ok else None
-            for i in range(self.k):
-                text = variants[i] if variants and i < len(variants) else None
-                out.rows["Ts"].append(self.row(entry, "Ts", i, p["P2"], res, text, err,
-                                               sources if tb_text else [], with_tokens=i == 0))
+            await self.synonyms(entry, ts_basis, [hit_source(h) for h in hits] if ts_basis else [], out)
             self.on_done("Ts")
 
         async def refine_and_split() -> None:
-            if tb_text is None:
-                err = f"upstream Tb failed: {tb_err}"
-                out.rows["Tg"].append(self.row(entry, "Tg", 0, p["P3"], None, None, err, sources))
-                self.on_done("Tg")
-                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], None, None, err, sources))
-                self.on_done("Tp")
-                return
-            own = [h.text for h in hits if str(getattr(h, "headword", "") or "").lower()
-                   in {f.lower() for f in entry.query_forms()}]
-            ref_hits = await self.retrieve_references([tb_text, *own], exclude={h.chunk_id for h in hits})
-            tg_hits = list(hits) + ref_hits
-            tg_sources = [hit_source(h) for h in tg_hits]
-            tg_res, tg_err = await self.ask("P3", entry, primary=tb_text, passages=format_passages(tg_hits))
-            tg_text = tg_res.parsed.description.strip() if tg_res and tg_res.ok else None
-            out.rows["Tg"].append(self.row(entry, "Tg", 0, p["P3"], tg_res, tg_text, tg_err, tg_sources))
+            tg_text, tp_err, tg_sources = await self.refine(entry, hits, tb_text, tb_err, out)
             self.on_done("Tg")
-            if tg_text is None:
-                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], None, None,
-                                               f"upstream Tg failed: {tg_err}", tg_sources))
-                self.on_done("Tp")
-                return
-            tp_res, tp_err = await self.ask("P4", entry, refined=tg_text, body_parts=", ".join(BODY_PARTS))
-            if tp_res and tp_res.ok:
-                for i, part in enumerate(tp_res.parsed.parts):
-                    out.rows["Tp"].append(self.row(entry, "Tp", i, p["P4"], tp_res, part.text.strip(), None,
-                                                   tg_sources, body_parts=sorted(set(part.body_parts),
-                                                                                 key=BODY_PARTS.index),
-                                                   with_tokens=i == 0))
-            else:
-                out.rows["Tp"].append(self.row(entry, "Tp", 0, p["P4"], tp_res, None, tp_err, tg_sources))
+            await self.split(entry, tg_text, tp_err, tg_sources, out)
             self.on_done("Tp")
 
         await asyncio.gather(synonyms(), refine_and_split())
+
+    async def primary(self, entry: VocabEntry, hits: Sequence[Any],
+                      out: BatchResult) -> tuple[str | None, str | None, str | None]:
+        """Tb (P1), kept from a review or asked. Returns (the text Tg is refined from, the error,
+        the text Ts paraphrases): Ts depends on Tb only for grounding, so a Tb regenerated after a
+        rejection leaves Ts as it was (its text comes from the note-less request, cached)."""
+        key = row_key(entry.label, "Tb", 0)
+        if key in self.review.kept:
+            kept = self.review.kept[key]
+            out.rows["Tb"].append(kept)
+            return generated_text(kept), None, generated_text(kept)
+        sources, passages = [hit_source(h) for h in hits], format_passages(hits)
+        note = self.review.notes.get(key)
+        res, err = await self.ask("P1", entry, note=note, passages=passages)
+        text = res.parsed.description.strip() if res and res.ok else None
+        out.rows["Tb"].append(self.row(entry, "Tb", 0, self.plan.prompts["P1"], res, text, err, sources, note=note))
+        if note is None:
+            return text, err, text
+        plain, _ = await self.ask("P1", entry, passages=passages)
+        return text, err, plain.parsed.description.strip() if plain and plain.ok else None
+
+    async def synonyms(self, entry: VocabEntry, basis: str | None, sources: list[dict], out: BatchResult) -> None:
+        """Ts (P2): kept variants stay; rejected ones come from a request with the reviewers' notes,
+        the others from the usual request."""
+        keys = [row_key(entry.label, "Ts", i) for i in range(self.k)]
+        note = self.review.notes_of(keys)
+        answers: dict[str | None, tuple[ChatResult | None, str | None]] = {}
+        for wanted in {None if k not in self.review.notes else note for k in keys if k not in self.review.kept}:
+            answers[wanted] = await self.ask("P2", entry, note=wanted, k=self.k, primary=basis or "(none)")
+        counted: set[str | None] = set()
+        for i, key in enumerate(keys):
+            if key in self.review.kept:
+                out.rows["Ts"].append(self.review.kept[key])
+                continue
+            row_note = note if key in self.review.notes else None
+            res, err = answers[row_note]
+            variants = [v.strip() for v in res.parsed.variants] if res and res.ok else None
+            text = variants[i] if variants and i < len(variants) else None
+            out.rows["Ts"].append(self.row(entry, "Ts", i, self.plan.prompts["P2"], res, text, err, sources,
+                                           with_tokens=row_note not in counted, note=row_note))
+            counted.add(row_note)
+
+    async def refine(self, entry: VocabEntry, hits: Sequence[Any], tb_text: str | None, tb_err: str | None,
+                     out: BatchResult) -> tuple[str | None, str | None, list[dict]]:
+        """Tg (P3), kept from a review or asked. Returns (the text Tp is split from, the error Tp
+        fails with when there is none, Tg's sources)."""
+        p3 = self.plan.prompts["P3"]
+        key = row_key(entry.label, "Tg", 0)
+        if key in self.review.kept:
+            kept = self.review.kept[key]
+            out.rows["Tg"].append(kept)
+            return generated_text(kept), None, list(kept["sources"])
+        sources = [hit_source(h) for h in hits]
+        if tb_text is None:
+            err = f"upstream Tb failed: {tb_err}"
+            out.rows["Tg"].append(self.row(entry, "Tg", 0, p3, None, None, err, sources))
+            return None, err, sources
+        own = [h.text for h in hits if str(getattr(h, "headword", "") or "").lower()
+               in {f.lower() for f in entry.query_forms()}]
+        ref_hits = await self.retrieve_references([tb_text, *own], exclude={h.chunk_id for h in hits})
+        tg_hits = list(hits) + ref_hits
+        tg_sources = [hit_source(h) for h in tg_hits]
+        note = self.review.notes.get(key)
+        res, err = await self.ask("P3", entry, note=note, primary=tb_text, passages=format_passages(tg_hits))
+        text = res.parsed.description.strip() if res and res.ok else None
+        out.rows["Tg"].append(self.row(entry, "Tg", 0, p3, res, text, err, tg_sources, note=note))
+        return text, None if text else f"upstream Tg failed: {err}", tg_sources
+
+    async def split(self, entry: VocabEntry, tg_text: str | None, upstream_err: str | None, sources: list[dict],
+                    out: BatchResult) -> None:
+        """Tp (P4). Kept parts stay at their ordinals. An answer to the base run's own request puts
+        its parts at their old ordinals; a new answer (a rejected part's note, a regenerated Tg)
+        fills the ordinals the kept parts leave free."""
+        p4 = self.plan.prompts["P4"]
+        prefix = row_key(entry.label, "Tp", 0)[:-2]
+        kept = {int(k[len(prefix):]): row for k, row in self.review.kept.items() if k.startswith(prefix)}
+        out.rows["Tp"].extend(kept.values())
+        free = (i for i in itertools.count() if i not in kept)
+        if tg_text is None:
+            out.rows["Tp"].append(self.row(entry, "Tp", next(free), p4, None, None, upstream_err, sources))
+            return
+        note = self.review.notes_of(k for k in self.review.notes if k.startswith(prefix))
+        res, err = await self.ask("P4", entry, note=note, refined=tg_text, body_parts=", ".join(BODY_PARTS))
+        if not (res and res.ok):
+            out.rows["Tp"].append(self.row(entry, "Tp", next(free), p4, res, None, err, sources, note=note))
+            return
+        same = res.request_hash == self.review.request_hashes.get(prefix + "00")
+        for i, part in enumerate(res.parsed.parts):
+            if same and i in kept:
+                continue
+            parts = sorted(set(part.body_parts), key=BODY_PARTS.index)
+            out.rows["Tp"].append(self.row(entry, "Tp", i if same else next(free), p4, res, part.text.strip(), None,
+                                           sources, body_parts=parts, with_tokens=i == 0, note=note))
 
     async def describe_all(self, entries: Sequence[VocabEntry]) -> BatchResult:
         out = BatchResult()
@@ -645,6 +820,10 @@ class RunResult:
         if a.get("failed"):
             lines.append(f"  attempts: {a['requests']} sent, {a['ok']} answered, {a['retries']} retries; failed: "
                          + ", ".join(f"{c} ×{n}" for c, n in a["failed"].items()))
+        r = m.get("review") or {}
+        if r.get("kept") or r.get("regenerated"):
+            lines.append(f"  review of {r['base_run']}: {r['kept']} reviewed row(s) kept without a request, "
+                         f"{r['regenerated']} row(s) asked again with the reviewer's note")
         if m["failure_causes"]:
             lines.append(f"  failure causes: {format_causes(m['failure_causes'], top=5)}")
         lines.append(f"  status: {m['status']}; manifest: {self.manifest_path}")
@@ -673,6 +852,13 @@ def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession)
     else:  # said as the run's last line by the CLI and the flow; here only for library users' logs
         log.info("description run %s failed: %s", plan.run_id, manifest["failure_reason"])
     return RunResult(run_dir=run_dir, manifest=manifest)
+
+
+def review_counts(base_dir: Path | None, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """How the base run's review shaped this run: rows kept as reviewed, rows asked again with a note."""
+    marks = Counter(r.get("review") for kind_rows in rows.values() for r in kind_rows)
+    return {"base_run": str(base_dir) if base_dir else None,
+            "kept": sum(marks[m] for m in REVIEW_KEPT), "regenerated": marks[REVIEW_REGENERATED]}
 
 
 def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local: bool) -> dict[str, Any]:
@@ -725,6 +911,7 @@ def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local
         "attempts": attempt_totals(usage),
         "cached_responses": sum(u["cached"] for u in usage.values()),
         "cost": sum(costs) if costs else None,
+        "review": review_counts(plan.base_dir, result.rows),
         "timings": {"wall_s": round(time.monotonic() - plan.started_monotonic, 3),
                     "busy_s": {k: round(v, 3) for k, v in result.busy_s.items()}},
     }
@@ -757,8 +944,10 @@ async def agenerate(plan: RunPlan, *, progress: bool = False) -> RunResult:
 def generate_descriptions(vocab_path: Path | str, *, settings: Settings, index_dir: Path | None = None,
                           use_index: bool = True, out_dir: Path | None = None, labels: Sequence[int] | None = None,
                           limit: int | None = None, run_id: str | None = None,
-                          retriever: PassageSearch | None = None, progress: bool = False) -> RunResult:
-    """Describe the vocabulary's signs with P1–P4 and write one description run (no Prefect)."""
+                          retriever: PassageSearch | None = None, progress: bool = False,
+                          base: Path | str | None = None) -> RunResult:
+    """Describe the vocabulary's signs with P1–P4 and write one description run (no Prefect);
+    ``base`` as in :func:`prepare_run`."""
     plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_dir,
-                       labels=labels, limit=limit, run_id=run_id, retriever=retriever)
+                       labels=labels, limit=limit, run_id=run_id, retriever=retriever, base=base)
     return asyncio.run(agenerate(plan, progress=progress))

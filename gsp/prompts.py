@@ -25,11 +25,13 @@ from gsp.schema import BodyPart
 
 PROMPT_FILES = {"P1": "P1_primary.yaml", "P2": "P2_synonyms.yaml", "P3": "P3_refine.yaml", "P4": "P4_parts.yaml"}
 PROMPT_VARIABLES = {
-    "P1": {"gloss", "passages", "schema"},
-    "P2": {"gloss", "k", "primary", "schema"},
-    "P3": {"gloss", "primary", "passages", "schema"},
-    "P4": {"gloss", "refined", "body_parts", "schema"},
+    "P1": {"gloss", "passages", "schema", "review_note"},
+    "P2": {"gloss", "k", "primary", "schema", "review_note"},
+    "P3": {"gloss", "primary", "passages", "schema", "review_note"},
+    "P4": {"gloss", "refined", "body_parts", "schema", "review_note"},
 }
+#: The variable of a prompt file's ``review_note`` template: a reviewer's note on a rejected text.
+NOTE_VARIABLE = "note"
 
 
 class _Out(BaseModel):
@@ -87,13 +89,25 @@ class Prompt:
     user: str
     sha: str          # SHA-256 (hex, first 16) of the prompt file
     path: Path
+    review_note: str = ""  # template of the block that carries a reviewer's note ({note})
 
     @property
     def prompt_id(self) -> str:
         return f"{self.key}.v{self.version}"
 
+    def note_block(self, note: str | None) -> str:
+        """The ``{review_note}`` variable: empty without a note, so a request without one is the
+        same request (and cache entry) as before review existed."""
+        if not note:
+            return ""
+        try:
+            return self.review_note.format(**{NOTE_VARIABLE: note.strip()})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PromptError(f"{self.path}: cannot render review_note: {exc!r}") from exc
+
     def render(self, **variables: object) -> list[dict[str, str]]:
-        """System + user messages with ``variables`` filled in."""
+        """System + user messages with ``variables`` filled in (``review_note`` defaults to none)."""
+        variables.setdefault("review_note", "")
         try:
             return [
                 {"role": "system", "content": self.system.format(**variables).strip()},
@@ -128,9 +142,27 @@ def load_prompt(path: Path, key: str) -> Prompt:
     if unknown:
         raise PromptError(f"{path}: unknown template variable(s) {sorted(unknown)}; "
                           f"{key} may use {sorted(PROMPT_VARIABLES[key])}")
+    note = _review_note_template(path, data, used)
     return Prompt(key=key, version=int(data["version"]), produces=str(data["produces"]),
                   system=str(data["system"]), user=str(data["user"]),
-                  sha=hashlib.sha256(raw).hexdigest()[:16], path=path)
+                  sha=hashlib.sha256(raw).hexdigest()[:16], path=path, review_note=note)
+
+
+def _review_note_template(path: Path, data: dict, used: set[str]) -> str:
+    """The ``review_note`` field, checked: a prompt without it (or without ``{review_note}`` in a
+    template) could not pass a rejected text's note on, and the rejected text would come back."""
+    note = data.get("review_note")
+    if note is None:
+        raise PromptError(f"{path}: missing field 'review_note' (a template with {{{NOTE_VARIABLE}}}, "
+                          "used when a reviewer rejected the text)")
+    try:
+        fields = _template_fields(str(note))
+    except ValueError as exc:
+        raise PromptError(f"{path}: malformed review_note template: {exc}") from exc
+    if fields != {NOTE_VARIABLE} or "review_note" not in used:
+        raise PromptError(f"{path}: review_note must use exactly {{{NOTE_VARIABLE}}}, and the system or "
+                          "user template must contain {review_note}")
+    return str(note)
 
 
 def load_prompts(prompts_dir: Path) -> dict[str, Prompt]:

@@ -55,9 +55,21 @@ DESCRIPTION_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("created_at", pa.string()),
+        # Review provenance (nullable; runs written before review existed lack them and read as
+        # null): "approved" / "edited" rows were kept from a reviewed run without an LLM call,
+        # "regenerated" rows were asked again with the reviewer's note; original_text is the LLM's
+        # text of an edited row (what the rows that depend on it were generated from).
+        ("review", pa.string()),
+        ("review_note", pa.string()),
+        ("reviewer", pa.string()),
+        ("original_text", pa.string()),
     ]
 )
 COLUMNS = tuple(DESCRIPTION_SCHEMA.names)
+REVIEW_COLUMNS = ("review", "review_note", "reviewer", "original_text")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in REVIEW_COLUMNS)
+REVIEW_KEPT = ("approved", "edited")
+REVIEW_REGENERATED = "regenerated"
 
 
 def row_key(label: int, kind: str, variant: int = 0) -> str:
@@ -76,7 +88,7 @@ class SchemaError(GspError, ValueError):
 
 def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
     """Raise SchemaError naming ``source`` and the row/field that breaks the contract."""
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(f"{source}: missing columns {missing}")
     bad_kind = df.index[df["kind"] != kind]
@@ -135,6 +147,8 @@ def read_kind(run_dir: Path, kind: str, ok_only: bool = False) -> pd.DataFrame:
         raise SchemaError(f"{path}: not a readable parquet file: {exc}") from exc
     df = table.to_pandas()
     validate_rows(df, kind, source=str(path))
+    for col in REVIEW_COLUMNS:  # missing in a run from before review existed; None, never NaN
+        df[col] = df[col].astype(object).where(df[col].notna(), None) if col in df.columns else None
     if ok_only:
         df = df[df["status"] == STATUS_OK].reset_index(drop=True)
     return df
@@ -165,15 +179,75 @@ def resolve_run_dir(path: Path) -> Path:
 
 
 def content_fingerprint(run_dir: Path) -> str:
-    """A hash of what a description run says (keys, texts, body parts, statuses), not of when or
+    """A hash of what a description run says (keys, texts, body parts, statuses, after its review), not of when or
     how it was made: two runs that produced the same descriptions (e.g. a fully cached re-run)
     have the same fingerprint, so downstream work keyed on it (training folders) is reused."""
     import hashlib
 
     h = hashlib.sha256()
+    # what training reads: with the run's review applied (a review changes the fingerprint)
+    frames = read_reviewed_run(Path(run_dir), ok_only=False)
     for kind in KINDS:
-        df = read_kind(Path(run_dir), kind)
+        df = frames[kind]
         for key, text, parts, status in zip(df["key"], df["text"], df["body_parts"], df["status"]):
             parts_txt = ",".join(parts) if parts is not None else ""
             h.update(f"{key}\x1f{text}\x1f{parts_txt}\x1f{status}\x1e".encode())
     return h.hexdigest()
+
+
+# --- review decisions (written by gsp.review, honoured by generation and training) ----------
+
+REVIEW_FILE = "review.json"
+DECISIONS = ("approve", "reject", "edit")
+
+
+def read_review(run_dir: Path) -> dict[str, dict]:
+    """The review decisions stored with a run (``review.json``, see :mod:`gsp.review`), by row
+    key: ``{"decision", "edited_text", "reviewer", "note"}``; empty when the run was not reviewed."""
+    path = Path(run_dir) / REVIEW_FILE
+    if not path.is_file():
+        return {}
+    try:
+        decisions = json.loads(path.read_text(encoding="utf-8"))["decisions"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SchemaError(f"{path}: not a review file written by `gsp review apply`: {exc}") from exc
+    bad = [k for k, d in decisions.items() if not isinstance(d, dict) or d.get("decision") not in DECISIONS
+           or (d["decision"] == "edit" and not d.get("edited_text"))]
+    if bad:
+        raise SchemaError(f"{path}: key {bad[0]!r} has no valid decision (one of {', '.join(DECISIONS)}; "
+                          "edit with edited_text)")
+    return decisions
+
+
+def apply_review(frames: dict[str, pd.DataFrame], decisions: dict[str, dict]) -> dict[str, pd.DataFrame]:
+    """A run's rows as its review leaves them: rejected rows dropped, edited rows with the
+    reviewer's text (the LLM's kept in ``original_text``), approved and edited rows marked in
+    ``review``; rows without a decision unchanged. The one place review decisions reach rows:
+    generation keeps what this returns as reviewed, training encodes what it returns."""
+    out = {}
+    for kind, df in frames.items():
+        df = df.copy()
+        for col in REVIEW_COLUMNS:
+            if col not in df.columns:
+                df[col] = None
+        df[list(REVIEW_COLUMNS)] = df[list(REVIEW_COLUMNS)].astype(object)
+        keep = []
+        for i, key in zip(df.index, df["key"]):
+            d = decisions.get(key)
+            keep.append(d is None or d["decision"] != "reject")
+            if d is None or d["decision"] == "reject":
+                continue
+            if d["decision"] == "edit":
+                if df.at[i, "original_text"] is None or pd.isna(df.at[i, "original_text"]):
+                    df.at[i, "original_text"] = df.at[i, "text"]
+                df.at[i, "text"] = d["edited_text"]
+            df.at[i, "review"] = "edited" if d["decision"] == "edit" else "approved"
+            df.at[i, "reviewer"] = d.get("reviewer") or None
+            df.at[i, "review_note"] = d.get("note") or None
+        out[kind] = df[keep].reset_index(drop=True)
+    return out
+
+
+def read_reviewed_run(run_dir: Path, ok_only: bool = True) -> dict[str, pd.DataFrame]:
+    """:func:`read_run` with the run's review decisions applied (:func:`apply_review`)."""
+    return apply_review(read_run(run_dir, ok_only=ok_only), read_review(run_dir))

@@ -46,7 +46,7 @@ import torch
 
 from gsp.atomic import atomic_path, sha256_file
 from gsp.errors import GspError
-from gsp.schema import BODY_PARTS, STATUS_OK, read_run, resolve_run_dir
+from gsp.schema import BODY_PARTS, STATUS_OK, read_reviewed_run, resolve_run_dir
 from mc.loss import BatchTexts
 
 log = logging.getLogger(__name__)
@@ -499,9 +499,11 @@ class _RunTexts:
 
 
 def _read_texts(run: Path, num_classes: int | None) -> _RunTexts:
-    """The usable Tg/Ts/Tp texts of a run (ok, non-empty, label in range), plus every label the
-    run has rows for whatever their status (what coverage is counted against)."""
-    frames = read_run(run, ok_only=False)
+    """The usable Tg/Ts/Tp texts of a run (ok, non-empty, label in range) as its review leaves
+    them (rejected rows out, edited rows with the reviewer's text: the cache keys on these final
+    texts), plus every label the run has rows for whatever their status (what coverage is
+    counted against)."""
+    frames = read_reviewed_run(run, ok_only=False)
     out = _RunTexts(run_labels=sorted({int(v) for df in frames.values() for v in df["label"]}))
     for kind in COVERAGE_KINDS:
         df = frames[kind]
