@@ -1,4 +1,5 @@
-"""CLI: ``gsp generate`` (the gsp flow: ingest, then P1–P4 descriptions) and ``gsp llm serve``."""
+"""CLI: ``gsp generate`` (the gsp flow: ingest, then P1–P4 descriptions; or, with
+``--refine-confused``, P5 rewrites of a training run's most confused signs) and ``gsp llm serve``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cli.common import fail
 from flows import use_local_prefect
 
 llm_app = typer.Typer(help="The embedded local LLM (llama.cpp server with SmolLM2).", no_args_is_help=True)
 err = Console(stderr=True)
+DEFAULT_TOP = 10
 
 
 def _parse_labels(text: str | None) -> list[int] | None:
@@ -41,18 +44,37 @@ def generate(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (library mode)."),
     base: Path | None = typer.Option(
         None, "--base", help="The reviewed description run to honour (default: the --out folder's LATEST run): "
-        "approved and edited rows are kept, rejected ones asked again with the reviewer's note."),
+        "approved and edited rows are kept, rejected ones asked again with the reviewer's note. "
+        "With --refine-confused: the run to refine."),
+    refine_confused: Path | None = typer.Option(
+        None, "--refine-confused", metavar="TRAIN_RUN",
+        help="A training run folder (`gsp train`): rewrite the descriptions of the signs of its most confused "
+        "class pairs (its confusion.csv) with P5, each stating what tells it apart from the other sign, into a "
+        "new run; every other row of the base run is carried over without a request. Runs without Prefect."),
+    top: int | None = typer.Option(None, "--top", help="With --refine-confused: how many of the most confused "
+                                   f"class pairs to refine (default {DEFAULT_TOP})."),
 ) -> None:
     """Describe every sign of a vocabulary with P1–P4 (Tb, Ts, Tg, Tp) into a new description run.
 
     The endpoint comes from GSP_LLM_BASE_URL / GSP_LLM_API_KEY / GSP_LLM_MODEL /
     GSP_LLM_STRUCTURED_OUTPUT; unset, the embedded local LLM is started. Exit status 1 when any
     row failed (a run with more than GSP_LLM_MAX_FAILED_SHARE failed rows is marked failed and not
-    made LATEST), 2 on bad input or an unreachable or refusing endpoint."""
+    made LATEST), 2 on bad input or an unreachable or refusing endpoint.
+
+    With --refine-confused TRAIN_RUN: rewrite (P5) the Tg, and split again (P4) the Tp, of the signs
+    of that training run's --top most confused class pairs; the base run's other rows are copied."""
     label_list = _parse_labels(labels)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # A GspError (bad input, a refusing endpoint, a failed run) ends here as one line: cli.main.
-    if prefect:
+    if refine_confused is not None:
+        if label_list or limit is not None:
+            fail("--labels and --limit do not apply with --refine-confused: the signs are those of the training "
+                 "run's most confused pairs (choose how many with --top)")
+        summary, failure_line = _refine_without_prefect(vocab, refine_confused, DEFAULT_TOP if top is None else top,
+                                                        index, kb, out, ingest, use_index, base)
+    elif top is not None:
+        fail("--top needs --refine-confused TRAIN_RUN (it counts that run's most confused class pairs)")
+    elif prefect:
         use_local_prefect()
         from flows.gsp_flow import gsp_flow, hide_expected_failures
 
@@ -80,12 +102,40 @@ def _generate_without_prefect(vocab: Path, index: Path | None, kb: Path | None, 
     from gsp.settings import get_settings
 
     settings = get_settings()
+    index = _ingested(settings, kb, index, ingest, use_index)
+    run = generate_descriptions(vocab, settings=settings, index_dir=index, use_index=use_index, out_dir=out,
+                                labels=labels, limit=limit, progress=progress and sys.stderr.isatty(), base=base)
+    if run.run_failed:
+        typer.echo(run.summary())
+        raise RunFailed(run.failure_line())
+    return run.summary(), run.failure_line()
+
+
+def _ingested(settings, kb: Path | None, index: Path | None, ingest: bool, use_index: bool) -> Path | None:
+    """The index folder, after an incremental ingest when asked for."""
     if use_index and ingest:
         from gsp.index import ingest as ingest_kb
 
-        index = ingest_kb(kb or settings.paths.kb_dir, index or settings.paths.index, settings.kb).index_dir
-    run = generate_descriptions(vocab, settings=settings, index_dir=index, use_index=use_index, out_dir=out,
-                                labels=labels, limit=limit, progress=progress and sys.stderr.isatty(), base=base)
+        return ingest_kb(kb or settings.paths.kb_dir, index or settings.paths.index, settings.kb).index_dir
+    return index
+
+
+def _refine_without_prefect(vocab: Path, train_run: Path, top: int, index: Path | None, kb: Path | None,
+                            out: Path | None, ingest: bool, use_index: bool,
+                            base: Path | None) -> tuple[str, str | None]:
+    """A refinement run as a plain library call. The confused pairs are read here, on the mc side
+    (gsp does not import mc), and handed to gsp as plain (a, b, count) tuples."""
+    from gsp.generate import RunFailed, refine_descriptions
+    from gsp.settings import get_settings
+    from mc.report import confused_pairs, load_run
+
+    if top < 1:
+        fail(f"--top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
+    pairs = confused_pairs(load_run(train_run).confusion, top)  # a ReportError names the folder: one line
+    settings = get_settings()
+    index = _ingested(settings, kb, index, ingest, use_index)
+    run = refine_descriptions(vocab, pairs, settings=settings, training_run=str(train_run), base=base,
+                              out_dir=out, index_dir=index, use_index=use_index)
     if run.run_failed:
         typer.echo(run.summary())
         raise RunFailed(run.failure_line())

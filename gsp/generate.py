@@ -14,6 +14,10 @@ A run honours the review of a base run (the output folder's ``LATEST`` or ``base
 :class:`ReviewBase`): approved and edited rows are kept without a request, rejected rows and what
 depends on them are asked again, the reviewer's note in the prompt.
 
+A refinement run (:func:`refine_descriptions`, beyond the paper) rewrites the Tg of the signs of a
+training run's most confused class pairs with P5 so that each states what tells it apart from the
+other sign, splits them again with P4, and carries every other row of the base run over unchanged.
+
 One lifecycle for every caller: :func:`generation_session` (response cache → endpoint, configured
 or the embedded server → client → close). :func:`generate_descriptions` runs a whole plan in one
 session without Prefect; the Prefect flow opens the session itself and hands its tasks plain data
@@ -39,13 +43,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from gsp.atomic import check_replaceable, claim_folder, write_json_atomic, write_text_atomic
+import pandas as pd
+
+from gsp.atomic import check_replaceable, claim_folder, sha256_file, write_json_atomic, write_text_atomic
 from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache
 from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, check_endpoint, endpoint_host
 from gsp.llm.server import default_replicas, local_llm_server
 from gsp.llm.structured import inline_schema
-from gsp.prompts import Prompt, load_prompts, output_model, schema_text
+from gsp.prompts import REFINE_PROMPT_FILES, Prompt, load_prompts, output_model, schema_text
 from gsp.quality import is_quality_failure, texts_problem
 from gsp.retrieval import shared_retriever
 from gsp.schema import (
@@ -53,6 +59,7 @@ from gsp.schema import (
     KINDS,
     LATEST_POINTER,
     MANIFEST,
+    REVIEW_FILE,
     REVIEW_KEPT,
     REVIEW_REGENERATED,
     STATUS_FAILED,
@@ -69,7 +76,7 @@ from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
 
 log = logging.getLogger("gsp.generate")
 
-KIND_OF_PROMPT = {"P1": "Tb", "P2": "Ts", "P3": "Tg", "P4": "Tp"}
+KIND_OF_PROMPT = {"P1": "Tb", "P2": "Ts", "P3": "Tg", "P4": "Tp", "P5": "Tg"}
 RUN_COMPLETE, RUN_FAILED = "complete", "failed"
 NO_PASSAGES = "(no dictionary passage was found for this sign; describe it from general knowledge)"
 
@@ -160,10 +167,12 @@ DEFAULT_NOTE = "no reason was given; write a different answer"
 class ReviewBase:
     """What a base run's review means for the next run, by row key (:func:`load_review_base`).
 
-    ``kept``: approved and edited rows (also those a reviewed run kept before), copied into the
-    new run without a request. ``notes``: rows to ask again with the reviewer's note: rejected
-    now, or regenerated after an earlier rejection (asked with the same note, so the cache answers
-    with the regenerated text instead of the rejected one). Everything else is asked as usual.
+    ``kept``: approved and edited rows (also those a reviewed run kept before), and the rows a
+    refinement run rewrote with P5 (``contrast_with``) unless rejected, copied into the new run
+    without a request: a plain re-run must not undo a refinement by asking P3 again. ``notes``:
+    rows to ask again with the reviewer's note: rejected now, or regenerated after an earlier
+    rejection (asked with the same note, so the cache answers with the regenerated text instead of
+    the rejected one). Everything else is asked as usual.
     What depends on a text is asked with the text the LLM wrote (an edited row's
     ``original_text``), so only a regenerated text changes what depends on it."""
 
@@ -216,7 +225,7 @@ def load_review_base(run_dir: Path | None) -> ReviewBase:
     for df in apply_review(raw, decisions).values():
         for row in df.to_dict("records"):
             key = row["key"]
-            if row["status"] == STATUS_OK and row["review"] in REVIEW_KEPT:
+            if row["status"] == STATUS_OK and (row["review"] in REVIEW_KEPT or row.get("contrast_with")):
                 base.kept[key] = {**plain_row(row), "prompt_tokens": 0, "completion_tokens": 0}
             elif key not in decisions and row["review"] == REVIEW_REGENERATED:
                 base.notes[key] = row["review_note"] or DEFAULT_NOTE
@@ -824,16 +833,25 @@ class RunResult:
         if r.get("kept") or r.get("regenerated"):
             lines.append(f"  review of {r['base_run']}: {r['kept']} reviewed row(s) kept without a request, "
                          f"{r['regenerated']} row(s) asked again with the reviewer's note")
+        if m.get("refine"):
+            f = m["refine"]
+            lines.append(f"  refined {len(f['refined'])} sign(s) of the {len(f['pairs'])} most confused pair(s) of "
+                         f"{f['training_run']} with {f['prompt']}; {f['carried_rows']} row(s) of {f['base_run']} "
+                         "carried over without a request")
         if m["failure_causes"]:
             lines.append(f"  failure causes: {format_causes(m['failure_causes'], top=5)}")
         lines.append(f"  status: {m['status']}; manifest: {self.manifest_path}")
         return "\n".join(lines)
 
 
-def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession) -> RunResult:
+def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession, *,
+                 manifest_extra: dict[str, Any] | None = None, review: dict[str, Any] | None = None) -> RunResult:
     """Write the four parquet files and the manifest into a staging folder, publish it as
     ``<out>/<run_id>`` with one rename, then point ``LATEST`` at it unless the run failed (more than
-    ``max_failed_share`` of its rows failed). A run folder is never rewritten."""
+    ``max_failed_share`` of its rows failed). A run folder is never rewritten.
+
+    ``manifest_extra``: sections added to the manifest; ``review``: a review file written with the
+    run (a refinement run carries its base run's decisions on the rows it carries)."""
     run_dir = claim_descriptions_root(plan.out_root) / plan.run_id
     if run_dir.exists():
         raise GenerationError(f"{run_dir}: run folder exists; a run is never overwritten")
@@ -842,8 +860,10 @@ def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession)
     for kind in KINDS:
         write_kind(staging, kind, result.rows[kind])
 
-    manifest = run_manifest(plan, result, session.client, session.is_local)
+    manifest = {**run_manifest(plan, result, session.client, session.is_local), **(manifest_extra or {})}
     write_json_atomic(staging / MANIFEST, manifest)
+    if review:
+        write_json_atomic(staging / REVIEW_FILE, review)
     staging.rename(run_dir)
     # A failed run stays on disk for inspection, but training and `gsp train` keep using the last
     # good run that LATEST names.
@@ -951,3 +971,178 @@ def generate_descriptions(vocab_path: Path | str, *, settings: Settings, index_d
     plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_dir,
                        labels=labels, limit=limit, run_id=run_id, retriever=retriever, base=base)
     return asyncio.run(agenerate(plan, progress=progress))
+
+
+# --- confusion-driven refinement (P5) --------------------------------------------------------
+
+#: One confused class pair of a training run: (label a, label b, clips of either predicted as the
+#: other); the caller reads them from the run's confusion matrix (gsp does not read training runs).
+ConfusedPair = tuple[int, int, int]
+NO_DESCRIPTION = "(none: this sign has no usable description in the run being refined)"
+REFINED_KINDS = ("Tg", "Tp")
+
+
+def contrast_partners(pairs: Sequence[ConfusedPair]) -> dict[int, tuple[int, int]]:
+    """Each sign of ``pairs`` → (the sign it is rewritten against, that pair's count). Both signs
+    of every pair are refined; a sign in several pairs only once, against the other sign of its
+    most confused pair (ties: the pair with the lower labels), so no sign gets two rewrites that
+    would each undo the other."""
+    partners: dict[int, tuple[int, int]] = {}
+    for a, b, n in sorted(pairs, key=lambda p: (-p[2], min(p[0], p[1]), max(p[0], p[1]))):
+        for sign, other in ((a, b), (b, a)):
+            partners.setdefault(int(sign), (int(other), int(n)))
+    return partners
+
+
+@dataclass
+class RefinePlan:
+    """A refinement run fixed before its first request: the run plan of the refined signs (P5
+    among its prompts, the base run as ``base_dir``), each sign's partner, and the base run's rows
+    (raw, as plain values) and review decisions."""
+
+    plan: RunPlan
+    pairs: list[ConfusedPair]
+    partners: dict[int, tuple[int, int]]
+    base_rows: dict[str, list[dict[str, Any]]]
+    decisions: dict[str, dict]
+    training_run: str | None = None
+
+    def is_refined(self, row: dict[str, Any]) -> bool:
+        return row["kind"] in REFINED_KINDS and int(row["label"]) in self.partners
+
+    def current_texts(self) -> dict[int, str]:
+        """Each sign's Tg as training read it (the base's review applied): what P5 rewrites."""
+        tg = apply_review({"Tg": pd.DataFrame(self.base_rows["Tg"])}, self.decisions)["Tg"]
+        return {int(r["label"]): r["text"] for r in tg.to_dict("records") if r["status"] == STATUS_OK}
+
+    def note_of(self, label: int) -> str | None:
+        """The reviewer's note when the base's review rejected this sign's Tg (P5 answers it)."""
+        d = self.decisions.get(row_key(label, "Tg", 0))
+        if not d or d["decision"] != "reject":
+            return None
+        return (d.get("note") or "").strip() or DEFAULT_NOTE
+
+    def manifest_section(self, carried: int) -> dict[str, Any]:
+        gloss = {e.label: e.gloss for e in self.plan.vocabulary.entries}
+        return {"training_run": self.training_run, "base_run": str(self.plan.base_dir),
+                "prompt": self.plan.prompts["P5"].prompt_id, "carried_rows": carried,
+                "pairs": [{"a": a, "b": b, "count": n, "glosses": [gloss[a], gloss[b]]} for a, b, n in self.pairs],
+                "refined": [{"label": lab, "gloss": gloss[lab], "contrast_with": other, "count": n}
+                            for lab, (other, n) in sorted(self.partners.items())]}
+
+    def carried_review(self, run_id: str) -> dict[str, Any] | None:
+        """The base's review decisions on the rows carried over, as the new run's review file, so the
+        new run reads as its base did (training, `gsp review export`, the next run)."""
+        dropped = {r["key"] for kind in REFINED_KINDS for r in self.base_rows[kind] if self.is_refined(r)}
+        kept = {k: d for k, d in self.decisions.items() if k not in dropped}
+        if not kept:
+            return None
+        source = Path(self.plan.base_dir) / REVIEW_FILE
+        return {"format_version": 1, "run_id": run_id, "applied_at": utc_now(), "source": str(source),
+                "source_sha256": sha256_file(source), "carried_from": str(self.plan.base_dir),
+                "decisions": dict(sorted(kept.items()))}
+
+
+def _check_pairs(pairs: Sequence[ConfusedPair], vocabulary: Vocabulary, where: str) -> None:
+    if not pairs:
+        raise GenerationError(f"{where}: no two classes were confused (every test clip was predicted as its "
+                              "own class); nothing to refine")
+    known = {e.label for e in vocabulary.entries}
+    for a, b, n in pairs:
+        missing = [lab for lab in (a, b) if lab not in known]
+        if missing:
+            raise GenerationError(f"{where}: the confused pair ({a}, {b}) ({n} clip(s)) has class {missing[0]}, "
+                                  f"which is not in the vocabulary {vocabulary.path}; refine with the vocabulary "
+                                  "the model was trained on")
+
+
+def prepare_refine(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
+                   training_run: str | None = None, base: Path | str | None = None, out_dir: Path | None = None,
+                   index_dir: Path | None = None, use_index: bool = True, retriever: PassageSearch | None = None,
+                   run_id: str | None = None) -> RefinePlan:
+    """Check everything a refinement run needs before any request: the pairs' classes in the
+    vocabulary, a base run (``base``, else the output folder's LATEST) describing them, P5."""
+    where = training_run or "the confused pairs"
+    _check_pairs(pairs, load_vocabulary(vocab_path), where)
+    out_root = Path(out_dir) if out_dir else settings.paths.descriptions
+    base_dir = base_run_dir(out_root, base)
+    if base_dir is None:
+        raise GenerationError(f"{out_root}: no description run to refine (no {LATEST_POINTER} run there); "
+                              "run `gsp generate` first or pass --base RUN")
+    partners = contrast_partners(pairs)
+    raw = read_run(base_dir, ok_only=False)
+    absent = sorted(set(partners) - {int(lab) for lab in raw["Tg"]["label"]})
+    if absent:
+        raise GenerationError(f"{base_dir}: describes no class {absent[0]} of the confused pairs of {where}; "
+                              "refine a run that describes every sign of the top pairs (or lower --top)")
+    plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_root,
+                       labels=sorted(partners), run_id=run_id, retriever=retriever, base=base_dir)
+    plan.prompts.update(load_prompts(settings.paths.prompts_dir, REFINE_PROMPT_FILES))
+    return RefinePlan(plan=plan, pairs=[(int(a), int(b), int(n)) for a, b, n in pairs], partners=partners,
+                      base_rows={k: [plain_row(r) for r in df.to_dict("records")] for k, df in raw.items()},
+                      decisions=read_review(base_dir), training_run=training_run)
+
+
+class ContrastDescriber(SignDescriber):
+    """P5 for the signs of a refinement run, then P4 on each new Tg; no review base of its own (the
+    refined rows are all new, the others are carried by :func:`refine_batch`)."""
+
+    def __init__(self, plan: RunPlan, client: LLMClient):
+        super().__init__(plan, client)
+        self.review = ReviewBase()
+
+    async def contrast(self, entry: VocabEntry, other: VocabEntry, hits: dict[int, list[Any]],
+                       current: dict[int, str], note: str | None, out: BatchResult) -> None:
+        """``entry``'s Tg rewritten against ``other`` (both signs' passages and current texts in the
+        prompt), split again into Tp; every row marked with ``other`` in ``contrast_with``."""
+        mine, theirs = hits[entry.label], hits[other.label]
+        sources = list({s["chunk_id"]: s for s in map(hit_source, [*mine, *theirs])}.values())
+        res, err = await self.ask("P5", entry, note=note, current=current.get(entry.label, NO_DESCRIPTION),
+                                  passages=format_passages(mine), other=other.describe(),
+                                  other_current=current.get(other.label, NO_DESCRIPTION),
+                                  other_passages=format_passages(theirs))
+        text = res.parsed.description.strip() if res and res.ok else None
+        out.rows["Tg"].append(self.row(entry, "Tg", 0, self.plan.prompts["P5"], res, text, err, sources, note=note))
+        await self.split(entry, text, None if text else f"upstream Tg failed: {err}", sources, out)
+        for kind in REFINED_KINDS:
+            for row in out.rows[kind]:
+                if row["label"] == entry.label:
+                    row["contrast_with"] = f"{other.label}:{other.gloss}"
+
+
+async def refine_batch(rp: RefinePlan, client: LLMClient) -> BatchResult:
+    """The refined signs' new Tg and Tp rows, then every other row of the base run, unchanged."""
+    describer = ContrastDescriber(rp.plan, client)
+    entries = {e.label: e for e in rp.plan.entries}
+    out = BatchResult()
+    describer._busy = out.busy_s
+    current = rp.current_texts()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval") as pool:
+        describer.pool = pool
+        hits = {label: await describer.retrieve_gloss(e) for label, e in entries.items()}
+        out.no_hit.extend({"label": lab, "gloss": entries[lab].gloss} for lab, h in hits.items() if not h)
+        await asyncio.gather(*(describer.contrast(e, entries[rp.partners[lab][0]], hits, current, rp.note_of(lab), out)
+                               for lab, e in entries.items()))
+    for kind, rows in rp.base_rows.items():
+        out.rows[kind].extend(r for r in rows if not rp.is_refined(r))
+    return out
+
+
+async def arefine(rp: RefinePlan) -> RunResult:
+    """A refinement run in one generation session, written like any run (LATEST moves unless it failed)."""
+    async with generation_session(rp.plan.settings) as session:
+        result = await refine_batch(rp, session.client)
+        carried = sum(not rp.is_refined(r) for rows in rp.base_rows.values() for r in rows)
+        return finalize_run(rp.plan, result, session, manifest_extra={"refine": rp.manifest_section(carried)},
+                            review=rp.carried_review(rp.plan.run_id))
+
+
+def refine_descriptions(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
+                        training_run: str | None = None, base: Path | str | None = None,
+                        out_dir: Path | None = None, index_dir: Path | None = None, use_index: bool = True,
+                        retriever: PassageSearch | None = None, run_id: str | None = None) -> RunResult:
+    """Rewrite the descriptions of the signs of ``pairs`` (most confused first, e.g. from a
+    training run's confusion matrix) with P5 into a new description run; see :func:`prepare_refine`."""
+    rp = prepare_refine(vocab_path, pairs, settings=settings, training_run=training_run, base=base,
+                        out_dir=out_dir, index_dir=index_dir, use_index=use_index, retriever=retriever, run_id=run_id)
+    return asyncio.run(arefine(rp))

@@ -1,5 +1,5 @@
-"""Prompts P1–P4 (paper section 3.2): loading the versioned files in ``prompts/``, rendering them,
-and the output shapes each one asks for.
+"""Prompts P1–P4 (paper section 3.2) and P5 (confusion-driven refinement, beyond the paper):
+loading the versioned files in ``prompts/``, rendering them, and the output shapes each one asks for.
 
 A prompt file is YAML with ``id``, ``version``, ``produces``, ``notes`` (the design decisions),
 ``system`` and ``user`` templates. Templates are plain ``str.format`` strings; the variables each
@@ -24,11 +24,15 @@ from gsp.llm.structured import inline_schema
 from gsp.schema import BodyPart
 
 PROMPT_FILES = {"P1": "P1_primary.yaml", "P2": "P2_synonyms.yaml", "P3": "P3_refine.yaml", "P4": "P4_parts.yaml"}
+#: P5 is loaded only by a refinement run (`gsp generate --refine-confused`), so a prompts folder
+#: made for P1–P4 keeps working for every other run.
+REFINE_PROMPT_FILES = {"P5": "P5_contrast.yaml"}
 PROMPT_VARIABLES = {
     "P1": {"gloss", "passages", "schema", "review_note"},
     "P2": {"gloss", "k", "primary", "schema", "review_note"},
     "P3": {"gloss", "primary", "passages", "schema", "review_note"},
     "P4": {"gloss", "refined", "body_parts", "schema", "review_note"},
+    "P5": {"gloss", "current", "passages", "other", "other_current", "other_passages", "schema", "review_note"},
 }
 #: The variable of a prompt file's ``review_note`` template: a reviewer's note on a rejected text.
 NOTE_VARIABLE = "note"
@@ -39,7 +43,7 @@ class _Out(BaseModel):
 
 
 class DescriptionOut(_Out):
-    """P1 (Tb) and P3 (Tg): one description."""
+    """P1 (Tb), P3 and P5 (Tg): one description."""
 
     description: str = Field(min_length=3, max_length=1500)
 
@@ -73,7 +77,8 @@ def synonyms_model(k: int) -> type[SynonymsOut]:
 
 
 def output_model(prompt_key: str, k: int = 3) -> type[_Out]:
-    return {"P1": DescriptionOut, "P2": synonyms_model(k), "P3": DescriptionOut, "P4": PartsOut}[prompt_key]
+    return {"P1": DescriptionOut, "P2": synonyms_model(k), "P3": DescriptionOut, "P4": PartsOut,
+            "P5": DescriptionOut}[prompt_key]
 
 
 class PromptError(GspError, ValueError):
@@ -82,7 +87,7 @@ class PromptError(GspError, ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    key: str          # P1 … P4
+    key: str          # P1 … P5
     version: int
     produces: str     # Tb, Ts, Tg, Tp
     system: str
@@ -165,8 +170,9 @@ def _review_note_template(path: Path, data: dict, used: set[str]) -> str:
     return str(note)
 
 
-def load_prompts(prompts_dir: Path) -> dict[str, Prompt]:
-    return {key: load_prompt(Path(prompts_dir) / name, key) for key, name in PROMPT_FILES.items()}
+def load_prompts(prompts_dir: Path, files: dict[str, str] = PROMPT_FILES) -> dict[str, Prompt]:
+    """The prompts of ``files`` (default P1–P4; :data:`REFINE_PROMPT_FILES` for P5) from ``prompts_dir``."""
+    return {key: load_prompt(Path(prompts_dir) / name, key) for key, name in files.items()}
 
 
 def schema_text(model: type[BaseModel]) -> str:

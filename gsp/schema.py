@@ -63,11 +63,16 @@ DESCRIPTION_SCHEMA = pa.schema(
         ("review_note", pa.string()),
         ("reviewer", pa.string()),
         ("original_text", pa.string()),
+        # Confusion-driven refinement (P5; nullable, absent from older runs): the sign this row's
+        # text was rewritten to be told apart from, as "label:gloss" (its Tg and the Tp split from it).
+        ("contrast_with", pa.string()),
     ]
 )
 COLUMNS = tuple(DESCRIPTION_SCHEMA.names)
 REVIEW_COLUMNS = ("review", "review_note", "reviewer", "original_text")
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in REVIEW_COLUMNS)
+#: Columns a run written before they existed lacks; read as None.
+OPTIONAL_COLUMNS = (*REVIEW_COLUMNS, "contrast_with")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
 REVIEW_KEPT = ("approved", "edited")
 REVIEW_REGENERATED = "regenerated"
 
@@ -147,7 +152,7 @@ def read_kind(run_dir: Path, kind: str, ok_only: bool = False) -> pd.DataFrame:
         raise SchemaError(f"{path}: not a readable parquet file: {exc}") from exc
     df = table.to_pandas()
     validate_rows(df, kind, source=str(path))
-    for col in REVIEW_COLUMNS:  # missing in a run from before review existed; None, never NaN
+    for col in OPTIONAL_COLUMNS:  # missing in a run from before they existed; None, never NaN
         df[col] = df[col].astype(object).where(df[col].notna(), None) if col in df.columns else None
     if ok_only:
         df = df[df["status"] == STATUS_OK].reset_index(drop=True)

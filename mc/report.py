@@ -190,6 +190,21 @@ def most_confused(confusion: np.ndarray, label: int, top: int) -> list[tuple[int
     return sorted(others, key=lambda oc: (-oc[1], oc[0]))[:top]
 
 
+def confused_pairs(confusion: np.ndarray, top: int) -> list[tuple[int, int, int]]:
+    """The ``top`` most confused class pairs of a confusion matrix (rows = true class), as
+    ``[(a, b, count), ...]`` with a < b and count = confusion[a, b] + confusion[b, a]: clips of a
+    predicted as b plus clips of b predicted as a. The pair is unordered because a description
+    rewrite (``gsp generate --refine-confused``) tells both signs apart whichever way the model
+    errs. Pairs never confused are left out; most first, ties by (a, b)."""
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    m = np.asarray(confusion, dtype=np.int64)
+    a, b = np.triu_indices(m.shape[0], k=1)
+    counts = m[a, b] + m[b, a]
+    ranked = sorted((-int(n), int(i), int(j)) for n, i, j in zip(counts, a, b) if n > 0)
+    return [(i, j, -n) for n, i, j in ranked[:top]]
+
+
 def sort_key(cls: dict) -> tuple:
     """Most hurt first (where a linguist looks first), most helped last, n/a classes at the end."""
     d = cls["delta"]

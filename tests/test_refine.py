@@ -1,0 +1,272 @@
+"""Confusion-driven refinement (`gsp generate --refine-confused TRAIN_RUN --top N`, prompt P5): a
+training run folder written by mc.evaluate's own writers, a base run generated against the
+loopback chat server with the real demo index; what reaches the server is counted, the P5 prompts
+are read, the new run is compared with its base row by row and through `gsp diff --json`, and a
+plain re-run keeps the refinement. Every bad input is one line with exit status 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_openai import FakeOpenAI
+from typer.testing import CliRunner
+
+from cli.main import app
+from gsp.atomic import write_json_atomic
+from gsp.generate import contrast_partners
+from gsp.schema import KINDS, LATEST_POINTER, REVIEW_FILE, read_kind, read_manifest, read_review, resolve_run_dir
+from gsp.settings import PROJECT_ROOT, get_settings
+from gsp.vocab import load_vocabulary
+from mc.evaluate import write_eval_outputs
+from mc.report import confused_pairs, load_run
+from mc.run_folder import claim_eval_folder
+
+VOCAB = PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv"
+BASE_LABELS = (0, 2, 4, 14, 53)  # sister, hungry, brother, mother, full (demo dictionary entries)
+NUM_CLASSES = 54
+#: (true class, predicted class, clips). Pairs: (0,4) 3+2=5, (2,53) 2+2=4, (0,2) 3, (14,20) 2, (0,1) 1.
+#: Class 20 (father) is in the vocabulary but not in the base run; class 1 is not in the vocabulary.
+CONFUSIONS = [(0, 4, 3), (4, 0, 2), (2, 53, 2), (53, 2, 2), (0, 2, 3), (14, 20, 2), (1, 0, 1)]
+REFINED = {0: 4, 4: 0, 2: 53, 53: 2}  # --top 2: each sign and the sign it is rewritten against
+TB_NOTE = "it never says the hand is a fist"
+
+
+def training_run(folder: Path, confusions=CONFUSIONS) -> Path:
+    """A training run's test outputs as mc.evaluate writes them: two correct clips of every class
+    involved, plus the confused clips; the scores' argmax is the predicted class."""
+    clips = [(c, c, 2) for c in sorted({c for t, p, _ in confusions for c in (t, p)})] + list(confusions)
+    labels, preds = [], []
+    for true, pred, n in clips:
+        labels += [true] * n
+        preds += [pred] * n
+    scores = np.full((len(labels), NUM_CLASSES), -5.0, dtype=np.float32)
+    scores[np.arange(len(labels)), preds] = 5.0
+    root = claim_eval_folder(folder).root
+    metrics = write_eval_outputs(root, scores, np.asarray(labels), [f"clip{i:03d}" for i in range(len(labels))],
+                                 NUM_CLASSES)
+    write_json_atomic(root / "metrics.json", metrics)
+    return root
+
+
+def cli_env(srv: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GSP_", "PREFECT_"))}
+    env.update({"GSP_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "GSP_CACHE_DIR": str(tmp_path / "cache"),
+                "GSP_LLM_BASE_URL": srv.base_url, "GSP_LLM_API_KEY": "sk-refine-test", "GSP_LLM_MODEL": "fake",
+                "GSP_LLM_STRUCTURED_OUTPUT": "json_schema", "GSP_LLM_RETRY_INITIAL_S": "0.05",
+                "PREFECT_HOME": str(tmp_path / "prefect")})
+    return env
+
+
+def gsp(env: dict[str, str], *args: object):
+    """One `gsp` command in this process (the retriever's model stays loaded between commands); the
+    settings are read from ``env`` afresh, as a new process would."""
+    get_settings.cache_clear()
+    unset = {k: None for k in os.environ if k.startswith(("GSP_", "PREFECT_")) and k not in env}
+    return CliRunner().invoke(app, [str(a) for a in args], env={**unset, **env})
+
+
+def generate(env, index: Path, out: Path, *extra: object):
+    return gsp(env, "generate", "--vocab", VOCAB, "--index", index, "--no-ingest", "--no-prefect", "--out", out,
+               *extra)
+
+
+def rows(run: Path) -> dict[str, dict]:
+    return {r["key"]: r for kind in KINDS for r in read_kind(run, kind).to_dict("records")}
+
+
+def requests(srv: FakeOpenAI) -> list[tuple[str, str]]:
+    """(the request's 'Sign:' line, its schema name: kind_prompt) of every request that reached the server."""
+    out = []
+    for record in srv.records:
+        body = srv.bodies[record.body_hash]
+        user = body["messages"][-1]["content"]
+        out.append((user.splitlines()[0].removeprefix("Sign: "), body["response_format"]["json_schema"]["name"]))
+    return sorted(out)
+
+
+def between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def generated(srv, tmp_path_factory, demo_index):
+    """A base run of five signs (and its response cache), generated once; each sign's P1 passages
+    as P1 was shown them."""
+    root = tmp_path_factory.mktemp("refine-base")
+    proc = generate(cli_env(srv, root), demo_index, root / "descriptions", "--labels", ",".join(map(str, BASE_LABELS)))
+    assert proc.exit_code == 0, proc.output[-3000:]
+    p1 = {}
+    for record in srv.records:
+        body = srv.bodies[record.body_hash]
+        if body["response_format"]["json_schema"]["name"] == "Tb_P1":
+            user = body["messages"][-1]["content"]
+            p1[user.splitlines()[0].removeprefix("Sign: ")] = between(user, "Dictionary passages:\n",
+                                                                       "\n\nWrite the primary")
+    return root, p1
+
+
+@pytest.fixture
+def base(srv, generated, tmp_path):
+    """A test's own copy of the base run in tmp/descriptions and of its cache; the server's records cleared."""
+    root, p1 = generated
+    for name in ("descriptions", "cache"):
+        shutil.copytree(root / name, tmp_path / name)
+    srv.reset()
+    return cli_env(srv, tmp_path), resolve_run_dir(tmp_path / "descriptions"), p1
+
+
+def test_the_ranking_of_pairs_and_one_rewrite_per_sign(tmp_path):
+    matrix = load_run(training_run(tmp_path / "train")).confusion
+    assert confused_pairs(matrix, 3) == [(0, 4, 5), (2, 53, 4), (0, 2, 3)]
+    assert confused_pairs(matrix, 99) == [(0, 4, 5), (2, 53, 4), (0, 2, 3), (14, 20, 2), (0, 1, 1)]
+    # sign 0 is in two pairs: rewritten once, against brother (its most confused); hungry against full
+    assert contrast_partners(confused_pairs(matrix, 3)) == {0: (4, 5), 4: (0, 5), 2: (53, 4), 53: (2, 4)}
+    assert contrast_partners([(2, 0, 3), (4, 0, 3)]) == {0: (2, 3), 2: (0, 3), 4: (0, 3)}  # ties: lower labels
+    with pytest.raises(ValueError):
+        confused_pairs(matrix, 0)
+
+
+def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, tmp_path, demo_index):
+    env, base_run, p1_passages = base
+    train = training_run(tmp_path / "train")
+    proc = generate(env, demo_index, tmp_path / "descriptions", "--refine-confused", train, "--top", 2)
+    assert proc.exit_code == 0, proc.output[-3000:]
+    new_run = resolve_run_dir(tmp_path / "descriptions")  # LATEST moved to the new run
+    assert new_run != base_run and (new_run.parent / LATEST_POINTER).read_text().strip() == new_run.name
+    entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
+
+    # exactly one P5 and one P4 per sign of the two top pairs reached the server; nothing for carried rows
+    assert requests(srv) == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
+    before, after = rows(base_run), rows(new_run)
+    for record in srv.records:
+        body = srv.bodies[record.body_hash]
+        if body["response_format"]["json_schema"]["name"] != "Tg_P5":
+            continue
+        user = body["messages"][-1]["content"]
+        sign = next(s for s in REFINED if user.startswith(f"Sign: {entries[s].describe()}\n"))
+        other = entries[REFINED[sign]]
+        assert f"The sign it is confused with: {other.describe()}" in user
+        for label in (sign, other.label):  # both signs' retrieved passages and current descriptions
+            assert p1_passages[entries[label].describe()] in user
+            assert before[f"{label:06d}:Tg:00"]["text"] in user
+        assert "entry: " in between(user, "Its dictionary passages:", "The sign it is confused")
+        assert "entry: " in between(user, "That sign's dictionary passages:", "Rewrite the description")
+
+    refined = {k for k, r in {**before, **after}.items() if r["label"] in REFINED and r["kind"] in ("Tg", "Tp")}
+    carried = set(before) - refined
+    assert carried == set(after) - refined and len(carried) > 20
+    old, new = (pd.DataFrame([rows_[k] for k in sorted(carried)]) for rows_ in (before, after))
+    pd.testing.assert_frame_equal(old, new)  # unchanged, created_at and tokens included
+
+    for sign, other in REFINED.items():
+        tg = after[f"{sign:06d}:Tg:00"]
+        assert (tg["prompt_id"], tg["contrast_with"], tg["status"]) == ("P5.v1", f"{other}:{entries[other].gloss}",
+                                                                        "ok")
+        assert tg["text"] != before[f"{sign:06d}:Tg:00"]["text"]
+        chunk_ids = {s["chunk_id"] for s in tg["sources"]}
+        for label in (sign, other):  # grounded on both signs' passages (what P1 retrieved for each)
+            assert {s["chunk_id"] for s in before[f"{label:06d}:Tb:00"]["sources"]} <= chunk_ids
+        parts = [r for k, r in after.items() if k.startswith(f"{sign:06d}:Tp:")]
+        assert parts and all(p["prompt_id"] == "P4.v2" and p["contrast_with"] == tg["contrast_with"] for p in parts)
+    assert all(after[k]["contrast_with"] is None for k in carried)
+
+    manifest = read_manifest(new_run)
+    assert manifest["refine"]["pairs"] == [{"a": 0, "b": 4, "count": 5, "glosses": ["abla", "agabey"]},
+                                           {"a": 2, "b": 53, "count": 4, "glosses": ["acikmak", "dolu"]}]
+    assert {r["label"]: r["contrast_with"] for r in manifest["refine"]["refined"]} == REFINED
+    assert manifest["refine"]["base_run"] == str(base_run) and manifest["refine"]["carried_rows"] == len(carried)
+    assert manifest["requests"] == 8 and manifest["cached_responses"] == 0
+    assert manifest["prompts"]["P5"]["id"] == "P5.v1" and "refined 4 sign(s)" in proc.stdout
+
+    diff = gsp(env, "diff", base_run, new_run, "--json")
+    assert diff.exit_code == 0, diff.output
+    changes = json.loads(diff.stdout)["changes"]
+    assert {c["key"] for c in changes} == refined
+    assert {c["change"] for c in changes if c["kind"] == "Tg"} == {"changed"}
+
+    # a plain re-run into the folder (its base: the refined run) keeps the refinement, with no request
+    srv.reset()
+    proc = generate(env, demo_index, tmp_path / "descriptions", "--labels", ",".join(map(str, BASE_LABELS)))
+    assert proc.exit_code == 0, proc.output[-3000:]
+    again = rows(resolve_run_dir(tmp_path / "descriptions"))
+    assert srv.records == []
+    assert {k: (r["text"], r["contrast_with"]) for k, r in again.items()} == {
+        k: (r["text"], r["contrast_with"]) for k, r in after.items()}
+
+
+def write_review(path: Path, decisions: list[tuple[str, str, str]]) -> Path:
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["key", "decision", "edited_text", "reviewer", "note"],
+                               *[[k, d, "", "ayse", note] for k, d, note in decisions]])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def test_the_base_runs_review_is_carried_and_a_rejected_tg_note_reaches_p5(srv, base, tmp_path, demo_index):
+    env, base_run, _ = base
+    sheet = write_review(tmp_path / "review.csv", [("000000:Tg:00", "reject", TB_NOTE),
+                                                   ("000014:Tb:00", "approve", ""),
+                                                   ("000004:Tg:00", "approve", "")])
+    assert gsp(env, "review", "apply", base_run, sheet).exit_code == 0
+    proc = generate(env, demo_index, tmp_path / "elsewhere", "--base", base_run,
+                    "--refine-confused", training_run(tmp_path / "train"), "--top", 1)
+    assert proc.exit_code == 0, proc.output[-3000:]
+    new_run = resolve_run_dir(tmp_path / "elsewhere")
+    asked = {u.splitlines()[0]: u for u in (srv.bodies[r.body_hash]["messages"][-1]["content"] for r in srv.records)
+             if "confused with" in u}
+    sister, brother = asked["Sign: sister (Turkish gloss: abla)"], asked["Sign: brother (Turkish gloss: agabey)"]
+    assert TB_NOTE in sister and TB_NOTE not in brother
+    # the rejected Tg is not shown as sister's current description; brother's approved one is
+    tg = rows(base_run)
+    assert tg["000000:Tg:00"]["text"] not in sister and tg["000004:Tg:00"]["text"] in sister
+    after = rows(new_run)
+    assert (after["000000:Tg:00"]["review"], after["000000:Tg:00"]["review_note"]) == ("regenerated", TB_NOTE)
+    # decisions on carried rows travel with the run; those on rewritten rows do not
+    assert {k: d["decision"] for k, d in read_review(new_run).items()} == {"000014:Tb:00": "approve"}
+    assert (base_run / REVIEW_FILE).is_file() and len(read_review(base_run)) == 3
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_and_exit_2(srv, base, tmp_path, demo_index):
+    env, base_run, _ = base
+    train = training_run(tmp_path / "train")
+
+    def refine(*args: object):
+        return gsp(env, "generate", "--vocab", VOCAB, "--index", demo_index, "--no-ingest",
+                   "--out", tmp_path / "descriptions", *args)
+
+    no_confusion = tmp_path / "unfinished"
+    no_confusion.mkdir()
+    (no_confusion / "metrics.json").write_text(json.dumps({"per_class_accuracy": [1.0]}), encoding="utf-8")
+    assert "no confusion.csv" in one_error_line(refine("--refine-confused", no_confusion))
+    assert "--top 0: must be at least 1" in one_error_line(refine("--refine-confused", train, "--top", 0))
+    line = one_error_line(refine("--refine-confused", train, "--top", 5))
+    assert "the confused pair (0, 1) (1 clip(s)) has class 1, which is not in the vocabulary" in line
+    line = one_error_line(refine("--refine-confused", train, "--top", 4))
+    assert f"{base_run}: describes no class 20 of the confused pairs" in line
+    line = one_error_line(refine("--refine-confused", train, "--top", 2, "--out", tmp_path / "empty"))
+    assert "no description run to refine" in line and "--base RUN" in line
+    assert "--top needs --refine-confused" in one_error_line(refine("--top", 3))
+    assert "do not apply with --refine-confused" in one_error_line(refine("--refine-confused", train,
+                                                                          "--labels", "0,4"))
+    assert srv.records == [] and [p.name for p in (tmp_path / "descriptions").iterdir() if p.is_dir()] == [
+        base_run.name]
