@@ -80,6 +80,14 @@ def _print_processes(report: dict) -> None:
 
 
 def _print_server(report: dict) -> None:
+    pools = Table(title="work pools")
+    for col in ("pool", "type", "workers"):
+        pools.add_column(col)
+    for p in report["pools"]:
+        workers = report["workers"].get(p["name"], [])
+        pools.add_row(p["name"] + (" (paused)" if p["paused"] else ""), p["type"],
+                      ", ".join(f"{w['name']} {w['status']}" for w in workers) or "none")
+    console.print(pools)
     deployments = Table(title="deployments")
     for col in ("deployment", "pool", "schedules"):
         deployments.add_column(col)
@@ -87,10 +95,6 @@ def _print_server(report: dict) -> None:
         schedules = "; ".join(f"{s['schedule']} ({'active' if s['active'] else 'inactive'})" for s in d["schedules"])
         deployments.add_row(d["name"], d["pool"] or "", schedules or "-")
     console.print(deployments)
-    others = {p: ws for p, ws in report["workers"].items() if any(w["name"] != f"gsp-{p}" for w in ws)}
-    for pool, workers in others.items():
-        console.print(f"pool {pool} also has: " + ", ".join(f"{w['name']} ({w['status']})" for w in workers
-                                                           if w["name"] != f"gsp-{pool}"))
     runs = Table(title="last runs")
     for col in ("run", "deployment", "state", "started"):
         runs.add_column(col)

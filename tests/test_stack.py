@@ -86,6 +86,9 @@ def test_a_stack_killed_by_hand_is_found_and_cleaned(stack_env):
         up = run(GSP + ["up", "--port", str(port)], env)
         assert "cleaned a stack" in up.stdout and "stack up" in up.stdout
         assert json.loads(run(GSP + ["status", "--json"], env).stdout)["up"]
+        shown = run(GSP + ["status"], {**env, "COLUMNS": "200"}).stdout
+        for expected in ("work pools", "gsp-cpu ONLINE", "gsp-gpu ONLINE", "gsp/generate", "mc/train", "inactive"):
+            assert expected in shown, shown
     finally:
         down = run(GSP + ["down"], env, check=False)
     assert down.returncode == 0, down.stderr
