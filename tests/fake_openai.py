@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import socket
 import threading
@@ -212,6 +213,17 @@ class FakeOpenAI:
         return dict(out)
 
     # -- internals -----------------------------------------------------------------------
+    def requests(self) -> list[tuple[str, str]]:
+        """(the user message's first line without "Sign: ", the response schema's name) of every
+        request that reached the server, sorted: what a test counts to know what was asked."""
+        out = []
+        for record in self.records:
+            body = self.bodies[record.body_hash]
+            user = body["messages"][-1]["content"]
+            schema = (body.get("response_format") or {}).get("json_schema") or {}
+            out.append((user.splitlines()[0].removeprefix("Sign: "), schema.get("name", "")))
+        return sorted(out)
+
     def _pick_fault(self, digest: str, text: str) -> Fault | None:
         with self._lock:
             attempt = self._attempts[digest]
@@ -353,6 +365,18 @@ class FakeOpenAI:
                     self.close_connection = True
 
         return Handler
+
+
+
+def client_env(srv: FakeOpenAI, tmp_path, api_key: str = "sk-test") -> dict[str, str]:
+    """The environment of a `gsp` command that talks to ``srv``: this process's, without any
+    GSP_/PREFECT_ setting of the caller, with artifacts, cache and Prefect home under ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GSP_", "PREFECT_"))}
+    env.update({"GSP_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "GSP_CACHE_DIR": str(tmp_path / "cache"),
+                "GSP_LLM_BASE_URL": srv.base_url, "GSP_LLM_API_KEY": api_key, "GSP_LLM_MODEL": "fake",
+                "GSP_LLM_STRUCTURED_OUTPUT": "json_schema", "GSP_LLM_RETRY_INITIAL_S": "0.05",
+                "PREFECT_HOME": str(tmp_path / "prefect")})
+    return env
 
 
 def main() -> None:

@@ -66,3 +66,11 @@ def wait_for_runs(env, deployment: str, count: int, timeout_s: float) -> list[di
     raise AssertionError(f"{deployment}: no {count} finished run(s) within {timeout_s} s: {runs}")
 
 
+
+
+def demo_vocab(folder: Path, signs: int) -> Path:
+    """The first ``signs`` signs of the bundled demo vocabulary, as a CSV of their own."""
+    path = folder / f"vocab{signs}.csv"
+    lines = (ROOT / "knowledge_base" / "demo_vocab.csv").read_text().splitlines()
+    path.write_text("\n".join(lines[: signs + 1]) + "\n")
+    return path

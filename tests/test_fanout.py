@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI
-from stack_helpers import GSP, PREFECT, ROOT, free_port, run, stack_processes, wait_for_runs
+from stack_helpers import GSP, PREFECT, demo_vocab, free_port, run, stack_processes, wait_for_runs
 
 from flows.fanout import REQUESTS_LIMIT, TOKENS_LIMIT, rate_limit_shapes, shard_labels
 from gsp.schema import KINDS, read_kind, resolve_run_dir
@@ -58,8 +58,7 @@ def test_two_workers_share_shards_and_the_rate_limit(stack_env, tmp_path):
     rpm = 60  # 1 request/s for both shards together; unthrottled they send 14 in 5 s here
     env["GSP_LLM_REQUESTS_PER_MINUTE"] = str(rpm)
     home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
-    vocab = tmp_path / "vocab4.csv"
-    vocab.write_text("\n".join((ROOT / "knowledge_base" / "demo_vocab.csv").read_text().splitlines()[:5]) + "\n")
+    vocab = demo_vocab(tmp_path, 4)
     port = free_port()
     with FakeOpenAI() as llm:
         env["GSP_LLM_BASE_URL"] = llm.base_url

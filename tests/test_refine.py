@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, client_env
+from toy_data import rows_by_key
 from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.atomic import write_json_atomic
 from gsp.generate import contrast_partners
-from gsp.schema import KINDS, LATEST_POINTER, REVIEW_FILE, read_kind, read_manifest, read_review, resolve_run_dir
+from gsp.schema import LATEST_POINTER, REVIEW_FILE, read_manifest, read_review, resolve_run_dir
 from gsp.settings import PROJECT_ROOT, get_settings
 from gsp.vocab import load_vocabulary
 from mc.evaluate import write_eval_outputs
@@ -57,12 +58,7 @@ def training_run(folder: Path, confusions=CONFUSIONS) -> Path:
 
 
 def cli_env(srv: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GSP_", "PREFECT_"))}
-    env.update({"GSP_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "GSP_CACHE_DIR": str(tmp_path / "cache"),
-                "GSP_LLM_BASE_URL": srv.base_url, "GSP_LLM_API_KEY": "sk-refine-test", "GSP_LLM_MODEL": "fake",
-                "GSP_LLM_STRUCTURED_OUTPUT": "json_schema", "GSP_LLM_RETRY_INITIAL_S": "0.05",
-                "PREFECT_HOME": str(tmp_path / "prefect")})
-    return env
+    return client_env(srv, tmp_path, api_key="sk-refine-test")
 
 
 def gsp(env: dict[str, str], *args: object):
@@ -76,20 +72,6 @@ def gsp(env: dict[str, str], *args: object):
 def generate(env, index: Path, out: Path, *extra: object):
     return gsp(env, "generate", "--vocab", VOCAB, "--index", index, "--no-ingest", "--no-prefect", "--out", out,
                *extra)
-
-
-def rows(run: Path) -> dict[str, dict]:
-    return {r["key"]: r for kind in KINDS for r in read_kind(run, kind).to_dict("records")}
-
-
-def requests(srv: FakeOpenAI) -> list[tuple[str, str]]:
-    """(the request's 'Sign:' line, its schema name: kind_prompt) of every request that reached the server."""
-    out = []
-    for record in srv.records:
-        body = srv.bodies[record.body_hash]
-        user = body["messages"][-1]["content"]
-        out.append((user.splitlines()[0].removeprefix("Sign: "), body["response_format"]["json_schema"]["name"]))
-    return sorted(out)
 
 
 def between(text: str, start: str, end: str) -> str:
@@ -150,8 +132,8 @@ def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, t
     entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
 
     # exactly one P5 and one P4 per sign of the two top pairs reached the server; nothing for carried rows
-    assert requests(srv) == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
-    before, after = rows(base_run), rows(new_run)
+    assert srv.requests() == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
+    before, after = rows_by_key(base_run), rows_by_key(new_run)
     for record in srv.records:
         body = srv.bodies[record.body_hash]
         if body["response_format"]["json_schema"]["name"] != "Tg_P5":
@@ -202,7 +184,7 @@ def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, t
     srv.reset()
     proc = generate(env, demo_index, tmp_path / "descriptions", "--labels", ",".join(map(str, BASE_LABELS)))
     assert proc.exit_code == 0, proc.output[-3000:]
-    again = rows(resolve_run_dir(tmp_path / "descriptions"))
+    again = rows_by_key(resolve_run_dir(tmp_path / "descriptions"))
     assert srv.records == []
     assert {k: (r["text"], r["contrast_with"]) for k, r in again.items()} == {
         k: (r["text"], r["contrast_with"]) for k, r in after.items()}
@@ -231,9 +213,9 @@ def test_the_base_runs_review_is_carried_and_a_rejected_tg_note_reaches_p5(srv, 
     sister, brother = asked["Sign: sister (Turkish gloss: abla)"], asked["Sign: brother (Turkish gloss: agabey)"]
     assert TB_NOTE in sister and TB_NOTE not in brother
     # the rejected Tg is not shown as sister's current description; brother's approved one is
-    tg = rows(base_run)
+    tg = rows_by_key(base_run)
     assert tg["000000:Tg:00"]["text"] not in sister and tg["000004:Tg:00"]["text"] in sister
-    after = rows(new_run)
+    after = rows_by_key(new_run)
     assert (after["000000:Tg:00"]["review"], after["000000:Tg:00"]["review_note"]) == ("regenerated", TB_NOTE)
     # decisions on carried rows travel with the run; those on rewritten rows do not
     assert {k: d["decision"] for k, d in read_review(new_run).items()} == {"000014:Tb:00": "approve"}

@@ -7,18 +7,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, client_env
+from toy_data import rows_by_key
 from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.atomic import sha256_file
-from gsp.schema import KINDS, REVIEW_FILE, read_kind, read_manifest, resolve_run_dir
+from gsp.schema import KINDS, REVIEW_FILE, read_manifest, resolve_run_dir
 from gsp.settings import PROJECT_ROOT
 from mc.text_features import EncoderSpec, build_text_bank, text_sha256
 
@@ -30,12 +30,7 @@ EDITED_TG = "Both flat hands rest at the chest, palms in, then the right hand mo
 
 
 def cli_env(srv: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GSP_", "PREFECT_"))}
-    env.update({"GSP_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "GSP_CACHE_DIR": str(tmp_path / "cache"),
-                "GSP_LLM_BASE_URL": srv.base_url, "GSP_LLM_API_KEY": "sk-review-test", "GSP_LLM_MODEL": "fake",
-                "GSP_LLM_STRUCTURED_OUTPUT": "json_schema", "GSP_LLM_RETRY_INITIAL_S": "0.05",
-                "PREFECT_HOME": str(tmp_path / "prefect")})
-    return env
+    return client_env(srv, tmp_path, api_key="sk-review-test")
 
 
 def generate(env: dict[str, str], out: Path, *extra: str) -> Path:
@@ -50,19 +45,9 @@ def review(*args: str):
     return CliRunner().invoke(app, ["review", *map(str, args)])
 
 
-def texts(run: Path) -> dict[str, dict]:
-    return {r["key"]: r for kind in KINDS for r in read_kind(run, kind).to_dict("records")}
-
-
 def requests_by_sign_and_kind(srv: FakeOpenAI) -> list[tuple[str, str]]:
     """(gloss line, kind) of every request that reached the server, sorted."""
-    out = []
-    for record in srv.records:
-        body = srv.bodies[record.body_hash]
-        kind = body["response_format"]["json_schema"]["name"].split("_")[0]
-        user = body["messages"][-1]["content"]
-        out.append((user.splitlines()[0].removeprefix("Sign: "), kind))
-    return sorted(out)
+    return sorted((sign, schema.split("_")[0]) for sign, schema in srv.requests())
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +141,7 @@ def test_export_is_a_utf8_spreadsheet_file_and_never_overwrites_a_review(run_a, 
     raw = out.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
-    expected = {k: r for k, r in texts(run).items() if r["status"] == "ok"}
+    expected = {k: r for k, r in rows_by_key(run).items() if r["status"] == "ok"}
     assert list(rows[0]) == HEADER and {r["key"] for r in rows} == set(expected)
     for r in rows:
         assert r["text"] == expected[r["key"]]["text"] and r["gloss"] == expected[r["key"]]["gloss"]
@@ -192,7 +177,7 @@ def decide(rows: list[dict], run: Path) -> dict[str, str]:
 
 def test_review_round_trip_regenerates_exactly_what_was_rejected(srv, run_a, tmp_path):
     env, run_a_dir = run_a
-    before = texts(run_a_dir)
+    before = rows_by_key(run_a_dir)
     parquet_sha = {k: sha256_file(run_a_dir / f"{k}.parquet") for k in KINDS}
     sheet = tmp_path / "review.csv"
     assert review("export", run_a_dir, "-o", sheet).exit_code == 0
@@ -224,7 +209,7 @@ def test_review_round_trip_regenerates_exactly_what_was_rejected(srv, run_a, tmp
     assert TB_NOTE in asked[("Tb", "Sign: sister (Turkish gloss: abla)")]
     assert TG_NOTE in asked[("Tg", "Sign: hurry (Turkish gloss: acele)")]
     assert not any(TB_NOTE in u or TG_NOTE in u for (kind, _), u in asked.items() if kind == "Tp")
-    check_run_b(read := texts(run_b), before)
+    check_run_b(read := rows_by_key(run_b), before)
     assert {k: sha256_file(run_a_dir / f"{k}.parquet") for k in KINDS} == parquet_sha  # the original kept
     manifest = read_manifest(run_b)
     assert manifest["review"]["base_run"] == str(run_a_dir) and manifest["review"]["regenerated"] == 1 + 1
@@ -232,14 +217,14 @@ def test_review_round_trip_regenerates_exactly_what_was_rejected(srv, run_a, tmp
     # --base into another folder honours the same review; the cache answers the regenerated rows
     srv.reset()
     run_c = generate(env, tmp_path / "elsewhere", "--base", str(run_a_dir))
-    assert srv.records == [] and {k: r["text"] for k, r in texts(run_c).items()} == {
+    assert srv.records == [] and {k: r["text"] for k, r in rows_by_key(run_c).items()} == {
         k: r["text"] for k, r in read.items()}
     # and a plain re-run into the first folder (LATEST is the unreviewed run_b) keeps what the review
     # decided: kept rows stay kept, the regenerated Tb does not fall back to the rejected text
     srv.reset()
     run_d = generate(env, tmp_path / "descriptions")
     assert srv.records == [] and run_d != run_b
-    again = texts(run_d)
+    again = rows_by_key(run_d)
     assert {k: (r["text"], r["review"]) for k, r in again.items()} == {
         k: (r["text"], r["review"]) for k, r in read.items()}
 
@@ -285,14 +270,14 @@ def check_training_follows_the_review(run: Path, before: dict[str, dict], bank_b
 
 def test_rejected_synonym_and_part_are_asked_again_and_approved_parts_keep_their_keys(srv, run_a, tmp_path):
     env, run = run_a
-    before = texts(run)
+    before = rows_by_key(run)
     tp2 = sorted(k for k in before if k.startswith("000002:Tp"))
     rows = [["000002:Ts:01", "", "", "", "", "", "", "reject", "", "", "adds a head nod"],
             [tp2[0], "", "", "", "", "", "", "reject", "", "", ""]]
     rows += [[k, "", "", "", "", "", "", "approve", "", "", ""] for k in tp2[1:]]
     assert review("apply", run, write_csv(tmp_path / "r.csv", HEADER, rows)).exit_code == 0
     srv.reset()
-    after = texts(generate(env, tmp_path / "descriptions"))
+    after = rows_by_key(generate(env, tmp_path / "descriptions"))
     assert requests_by_sign_and_kind(srv) == [("hungry (Turkish gloss: acikmak)", "Tp"),
                                               ("hungry (Turkish gloss: acikmak)", "Ts")]
     # the synonym: only the rejected variant changes; its note reached the request

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import psutil
 from fake_openai import FakeOpenAI
-from stack_helpers import GSP, PREFECT, ROOT, flow_runs, free_port, run, stack_processes, wait_for_runs
+from stack_helpers import GSP, PREFECT, demo_vocab, flow_runs, free_port, run, stack_processes, wait_for_runs
 
 
 def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
     env = stack_env
     home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
-    vocab = tmp_path / "vocab3.csv"
-    vocab.write_text("\n".join((ROOT / "knowledge_base" / "demo_vocab.csv").read_text().splitlines()[:4]) + "\n")
+    vocab = demo_vocab(tmp_path, 3)
     port = free_port()
     with FakeOpenAI() as llm:
         env["GSP_LLM_BASE_URL"] = llm.base_url

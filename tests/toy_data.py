@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsp.schema import row_key, write_kind
+from gsp.schema import KINDS, read_kind, row_key, write_kind
 from mc.data import write_pyskl
 
 
@@ -66,3 +66,8 @@ def toy_descriptions(run_dir, num_classes=6):
     for kind, r in rows.items():
         write_kind(run_dir, kind, r)
     return run_dir
+
+
+def rows_by_key(run_dir) -> dict[str, dict]:
+    """Every row of a description run (all kinds), by its key."""
+    return {r["key"]: r for kind in KINDS for r in read_kind(run_dir, kind).to_dict("records")}
