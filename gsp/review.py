@@ -58,6 +58,17 @@ def _ordered(frames: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (int(r["label"]), KINDS.index(r["kind"]), int(r["variant"])))
 
 
+#: What a spreadsheet reads as the start of a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert_cell(value: str | None) -> str:
+    """A read-only cell (an LLM's text, a gloss) that a spreadsheet shows and never evaluates: a
+    text starting like a formula gets a leading apostrophe. Only for columns apply never reads."""
+    value = value or ""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def export_review(run: Path | str, out: Path | str, force: bool = False) -> tuple[Path, int]:
     """Write the review CSV of ``run`` (a run folder or a descriptions folder's LATEST) to ``out``.
     An existing non-empty ``out`` is refused unless ``force``: it may hold a reviewer's work."""
@@ -73,7 +84,8 @@ def export_review(run: Path | str, out: Path | str, force: bool = False) -> tupl
     for r in rows:
         parts = ", ".join(r["body_parts"]) if r["kind"] == "Tp" and r["body_parts"] is not None else ""
         d = earlier.get(r["key"], {})
-        writer.writerow([r["key"], int(r["label"]), r["gloss"], r["kind"], parts, r["text"], r.get("review") or "",
+        writer.writerow([r["key"], int(r["label"]), inert_cell(r["gloss"]), r["kind"], parts, inert_cell(r["text"]),
+                         r.get("review") or "",
                          *(d.get(f) or "" for f in FIELDS)])
     # The BOM makes Excel read the file as UTF-8 (Turkish and Chinese glosses intact).
     write_bytes_atomic(out, ("\ufeff" + buf.getvalue()).encode("utf-8"))

@@ -308,3 +308,33 @@ def test_a_run_from_before_review_is_read_exported_and_reviewed(run_a, tmp_path)
     tg = read_reviewed_run(run)["Tg"].set_index("key")
     assert tg.loc["000000:Tg:00", "text"] == "new text here" and tg.loc["000000:Tg:00", "review"] == "edited"
     assert tg.loc["000001:Tg:00", "review"] is None
+
+
+def test_export_never_hands_a_spreadsheet_a_formula(tmp_path):
+    """An LLM text starting with '=' would run as a formula when the sheet is opened."""
+    from toy_data import toy_descriptions
+
+    from gsp.schema import read_kind, read_reviewed_run, write_kind
+
+    run = tmp_path / "run"
+    toy_descriptions(run)
+    tg = read_kind(run, "Tg")
+    tg.loc[0, "text"] = '=HYPERLINK("http://example.invalid","click")'
+    tg.loc[1, "text"] = "-the hand moves down"
+    write_kind(run, "Tg", tg)
+    assert review("export", run, "-o", tmp_path / "r.csv").exit_code == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text(encoding="utf-8-sig"))))
+    by_key = {r["key"]: r["text"] for r in rows}
+    assert by_key[tg.loc[0, "key"]] == "'" + tg.loc[0, "text"]
+    assert by_key[tg.loc[1, "key"]] == "'-the hand moves down"
+    assert by_key[tg.loc[2, "key"]] == tg.loc[2, "text"]  # ordinary texts as they are
+    # The apostrophe never reaches the run: apply reads decisions, not the text column.
+    next(r for r in rows if r["key"] == tg.loc[0, "key"])["decision"] = "approve"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "r.csv").write_text(buf.getvalue(), encoding="utf-8")
+    assert review("apply", run, tmp_path / "r.csv").exit_code == 0
+    approved = read_reviewed_run(run)["Tg"].set_index("key").loc[tg.loc[0, "key"]]
+    assert approved["review"] == "approved" and approved["text"] == tg.loc[0, "text"]
