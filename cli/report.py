@@ -1,5 +1,7 @@
 """``gsp report classes``: per-class accuracy of two training runs joined with the descriptions,
-as a page and as JSON; a thin typer wrapper over :mod:`mc.report` and :mod:`mc.report_html`."""
+as a page and as JSON; ``gsp report joints``: per-joint importance drawn on the skeleton (paper
+Fig. 5). Thin typer wrappers over :mod:`mc.report`, :mod:`mc.report_html`, :mod:`mc.joints` and
+:mod:`mc.joints_figure`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import typer
 
 from cli.common import fail
 
-report_app = typer.Typer(help="Reports that join training results with the descriptions.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports on training runs: per-class accuracy beside the descriptions (classes), "
+                         "per-joint importance on the skeleton (joints).", no_args_is_help=True)
 
 
 def classes_cmd(
@@ -48,6 +51,40 @@ def classes_cmd(
     typer.echo(str(html))
 
 
+def joints_cmd(
+    run: Path = typer.Argument(..., metavar="RUN", help="The training run to draw (e.g. GSP-MC)."),
+    out: Path = typer.Option(..., "--out", help="The PNG file to write."),
+    baseline: Path | None = typer.Option(
+        None, "--baseline", help="A second run drawn beside RUN (e.g. the CE-only baseline)."),
+    data: Path | None = typer.Option(None, "--data", help="Data whose clips to run through the models.",
+                                     show_default="the data each run was trained on"),
+    label: str | None = typer.Option(None, "--label", help="Only the clips of this class (id or name).",
+                                     show_default="every clip of the split"),
+    split: str = typer.Option("test", "--split", help="Which split of the data."),
+) -> None:
+    """Per-joint importance (channel-averaged final features, the paper's Figure 5) drawn on the
+    skeleton, hands and face enlarged; with --baseline the two runs side by side."""
+    from mc.joints import run_importance
+    from mc.joints_figure import draw_joints
+
+    if out.suffix.lower() != ".png":
+        fail(f"--out {out}: give a .png file name (the picture is a PNG)")
+    if out.is_dir():
+        fail(f"--out {out}: is a folder; give the path of the PNG file to write")
+    runs = [baseline, run] if baseline is not None else [run]
+    panels = [run_importance(r, data, label, split) for r in runs]  # a GspError is one line, exit 2
+    if len({p.layout.name for p, _ in panels}) > 1:
+        fail(f"--baseline {baseline}: keypoint set {panels[0][0].layout.name!r} differs from RUN's "
+             f"{panels[1][0].layout.name!r}; the two pictures would not be comparable")
+    pose = panels[-1][1]  # both drawn on one pose, so their dots line up
+    draw_joints([(result, pose) for result, _ in panels], out)
+    for result, _ in panels:
+        parts = ", ".join(f"{p} {v:.2f}" for p, v in result.part_means().items())
+        typer.echo(f"{result.title}: {parts}", err=True)
+    typer.echo(str(out))
+
+
 def register(app: typer.Typer) -> None:
     report_app.command("classes")(classes_cmd)
+    report_app.command("joints")(joints_cmd)
     app.add_typer(report_app, name="report")

@@ -12,6 +12,10 @@ Formats (both COCO-WholeBody, 133 points, channels x, y, score):
     commonly shared. ``<dir>/<sample_id>.npy`` lives beside the CSV. Pass the CSV, or a folder
     holding ``<split>_labels.csv``, ``<split>.csv`` or ``labels.csv``. Arrays are opened with
     ``mmap_mode="r"`` and ``allow_pickle=False`` and read one item at a time.
+(c) **one pose-format .pose file per video** (``<dir>/<sample_id>.pose``, COCO-WholeBody-133 or
+    MediaPipe Holistic, see :mod:`mc.pose_format`) with the same labels CSV; a sample whose
+    ``.npy`` is absent is looked for as ``.pose``. Each file is read and checked when loading and
+    read again when its item is used.
 
 Every sample is checked when the data is loaded, before any training: a NaN in the last clip of
 an epoch would otherwise surface hours in. The .npy files are streamed through their memory map
@@ -68,6 +72,8 @@ class Sample:
         """The validated (T, 133, 3) float32 keypoints (x, y, score)."""
         if self.array is not None:
             arr = self.array
+        elif self.path is not None and self.path.suffix.lower() == POSE_SUFFIX:
+            arr = _read_pose(self.path, self.sample_id)
         else:
             assert self.path is not None
             try:
@@ -322,6 +328,19 @@ def write_pyskl(path: Path | str, annotations: list[dict], split: dict[str, list
 # .npy folder + labels CSV
 
 
+POSE_SUFFIX = ".pose"
+
+
+def _read_pose(path: Path, sample_id: str) -> np.ndarray:
+    """A .pose file's (T, 133, 3) clip; a bad file is this sample's :class:`SampleError`."""
+    from mc.pose_format import PoseFileError, read_pose_file  # pose-format loads only for .pose data
+
+    try:
+        return read_pose_file(path)
+    except PoseFileError as exc:
+        raise SampleError(f"sample {sample_id!r}: {exc}") from None
+
+
 def _find_labels_csv(folder: Path, split: str | None) -> Path:
     names = ([f"{split}_labels.csv", f"{split}.csv"] if split else []) + ["labels.csv"]
     for name in names:
@@ -360,6 +379,10 @@ def _npy_sample(base: Path, where: str, sid: str, label_text: str, num_classes: 
         raise SampleError(f"sample {sid!r} ({where}): label {label_text!r} is not an integer") from None
     label = _check_label(label_val, sid, where, num_classes)
     npy = base / f"{sid}.npy"
+    if not npy.is_file() and (base / f"{sid}{POSE_SUFFIX}").is_file():
+        pose = base / f"{sid}{POSE_SUFFIX}"
+        check_keypoints(_read_pose(pose, sid), sid, str(pose), check_values=check_values)
+        return Sample(sid, label, str(pose), path=pose)
     if not npy.is_file():
         raise SampleError(f"sample {sid!r} ({where}): file missing: {npy}")
     try:
@@ -401,7 +424,8 @@ def _read_split(path: Path, split: str | None, num_classes: int | None,
         return _load_pyskl(path, split, num_classes)
     if path.is_dir() or path.suffix.lower() == ".csv":
         return _load_npy_folder(path, split, num_classes, check_values)
-    raise SampleError(f"{path}: unknown data format (expected a pyskl .pkl, a labels .csv or a folder of .npy)")
+    raise SampleError(f"{path}: unknown data format (expected a pyskl .pkl, a labels .csv or a folder of "
+                      ".npy or .pose files)")
 
 
 def load_splits(
@@ -450,7 +474,7 @@ def load_samples(
     num_classes: int | None = None,
     check_values: bool | None = None,
 ) -> Samples:
-    """Read the samples of one split from a pyskl pickle, a labels CSV or a folder of .npy files.
+    """Read the samples of one split from a pyskl pickle, a labels CSV or a folder of .npy/.pose files.
 
     ``split=None`` takes every sample. ``num_classes`` (when known) also rejects labels out of
     range. Every sample is checked up front (see :func:`load_splits`) and all bad ones are
