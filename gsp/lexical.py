@@ -26,6 +26,8 @@ _FOLD_EXTRA = str.maketrans({"ı": "i", "İ": "i", "ß": "ss", "ø": "o", "đ": 
 
 def fold(text: str) -> str:
     """Case-fold and strip diacritics from Latin letters; CJK is left as it is."""
+    if text.isascii():  # exact: neither the table nor NFKD changes ASCII; the quality check's hot path
+        return text.lower()
     text = text.translate(_FOLD_EXTRA).casefold()
     decomposed = unicodedata.normalize("NFKD", text)
     return unicodedata.normalize("NFC", "".join(c for c in decomposed if not unicodedata.combining(c)))

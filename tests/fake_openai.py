@@ -145,6 +145,11 @@ def bad_answer_for(body: dict, text: str) -> dict:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # the listen backlog: a class attribute, because the socket listens inside __init__ (an
+    # instance attribute set afterwards left it at 5, and a burst of new connections was reset)
+    request_queue_size = 256
+    daemon_threads = True
+
     def handle_error(self, request, client_address) -> None:  # clients that hang up are expected
         pass
 
@@ -159,6 +164,7 @@ class FakeOpenAI:
         self.require_key = require_key
         self.models_endpoint = models_endpoint
         self.gets: list[str] = []   # paths of the GET requests (the endpoint check)
+        self.connections = 0        # TCP connections accepted (a client that keeps them alive opens few)
         self.faults: list[Fault] = []
         self.fault_mix: FaultMix | None = None
         self.records: list[Record] = []
@@ -166,8 +172,6 @@ class FakeOpenAI:
         self._attempts: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 128
         self._thread: threading.Thread | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -251,6 +255,8 @@ class FakeOpenAI:
 
             def setup(self) -> None:
                 super().setup()
+                with server._lock:
+                    server.connections += 1
                 # headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

@@ -1,14 +1,21 @@
 """The persistent LLM response cache.
 
-One SQLite file under ``settings.paths.cache``. Each response is committed the moment it arrives
-(autocommit, WAL journal), so a run killed with ``kill -9`` loses no completed call and the next
-run replays it for free. The key is the SHA-256 of everything that determines the answer (see
-:func:`request_hash`); the API key is never part of it and never stored. SQLite from the stdlib
-rather than diskcache: one table, one primary key, and readable with any SQLite tool.
+One SQLite file under ``settings.paths.cache`` (WAL journal). :meth:`ResponseCache.put` queues a
+response and asks the running event loop to commit the queue soon (``call_soon``): every answer
+that loop iteration handled goes in one transaction, before the loop next waits for the network.
+Under load many answers arrive together, so at 2,000 rows a run makes a fraction of the commits
+one per answer made. Outside an event loop, ``put`` commits at once. What ``kill -9`` can lose is
+the answers of the one loop iteration it interrupts, not yet committed: the next run asks those
+again; every committed answer it replays for free.
+
+The key is the SHA-256 of everything that determines the answer (see :func:`request_hash`); the
+API key is never part of it and never stored. SQLite from the stdlib rather than diskcache: one
+table, one primary key, and readable with any SQLite tool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -39,6 +46,8 @@ class ResponseCache:
             self.path = self.path / CACHE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._pending: dict[str, str] = {}  # request hash → response JSON, queued, not yet committed
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is scheduled
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL survives a killed process (not a power cut) at a fraction of FULL's fsyncs.
@@ -50,30 +59,63 @@ class ResponseCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute("SELECT response FROM responses WHERE request_hash = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+            text = self._pending.get(key)
+            if text is None:
+                row = self._db.execute("SELECT response FROM responses WHERE request_hash = ?", (key,)).fetchone()
+                text = row[0] if row else None
+        return json.loads(text) if text is not None else None
 
     def put(self, key: str, response: dict[str, Any]) -> None:
+        """Store ``response``: committed at the end of the running event loop's iteration (with
+        the rest of what that iteration stored), or at once when no loop runs in this thread."""
+        text = canonical_json(response)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO responses (request_hash, response, created_at) VALUES (?, ?, ?)",
-                (key, canonical_json(response), time.time()),
-            )
+            self._pending[key] = text
+            scheduled = loop is not None and loop is self._flush_loop
+            if loop is not None:
+                self._flush_loop = loop
+        if loop is None:
+            self.flush()
+        elif not scheduled:
+            # call_soon runs after the callbacks this iteration already has, before the next poll
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Commit every queued response in one transaction."""
+        with self._lock:
+            self._flush_loop = None
+            if not self._pending:
+                return
+            now = time.time()
+            rows = [(key, text, now) for key, text in self._pending.items()]
+            with self._db:  # one transaction: committed on leaving, rolled back on an error
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO responses (request_hash, response, created_at) VALUES (?, ?, ?)", rows)
+            self._pending.clear()
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def keys(self) -> set[str]:
+        self.flush()
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT request_hash FROM responses")}
 
     def response_ids(self) -> set[str]:
         """Ids of every cached response (the tests match them against what a server sent)."""
+        self.flush()
         with self._lock:
             rows = self._db.execute("SELECT response FROM responses").fetchall()
         return {json.loads(r[0]).get("id") for r in rows}
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._db.close()

@@ -1,7 +1,9 @@
-"""The LLM client: the official async OpenAI SDK plus what a long generation run needs.
+"""The LLM client: OpenAI's chat-completions protocol (over :mod:`gsp.llm.transport`) plus what
+a long generation run needs.
 
-- a persistent response cache (:mod:`gsp.llm.cache`): every completed call is stored the moment it
-  arrives, so re-runs make zero calls and a killed run resumes without repeating one;
+- a persistent response cache (:mod:`gsp.llm.cache`): every completed call is committed in the
+  event loop turn that received it, so re-runs make zero calls and a killed run resumes without
+  repeating a committed one;
 - a concurrency limit (``asyncio.Semaphore``), requests- and tokens-per-minute limits
   (``aiolimiter``);
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
@@ -19,7 +21,12 @@
   unknown host or a rejected key ends the run in seconds;
 - token and cost accounting per stage.
 
-The API key is handed to the SDK and nowhere else: not to the cache key, logs or results.
+The API key goes into the requests' ``Authorization`` header and nowhere else: not to the cache
+key, logs or results.
+
+Not the OpenAI SDK: for each request it spent 3-4 ms of CPU on the event loop (building and
+validating typed request and response objects), which capped a run's throughput at a local server
+(bench/generate.py); the protocol is one JSON POST and its JSON answer.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
@@ -45,12 +51,17 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache, request_hash
 from gsp.llm.structured import OutputInvalid, StructuredMode, response_format, validate_output
+from gsp.llm.transport import (
+    HTTPStatusError,
+    RequestTimeout,
+    Transport,
+    TransportError,
+    json_body,
+    open_transport,
+)
 from gsp.settings import LLMSettings
 
 log = logging.getLogger("gsp.llm")
-
-#: Used when no key is configured (local servers ignore it; the SDK insists on one).
-NO_KEY = "no-key-configured"
 
 
 class LLMCallError(RuntimeError):
@@ -106,52 +117,43 @@ def retry_after_seconds(exc: BaseException) -> float | None:
         return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
 
 
+#: Statuses that every further request would get too: a bad key, no access, an unknown model or URL.
+REFUSING_STATUSES = (401, 403, 404)
+
+
 def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, UnparseableResponse)):
+    if isinstance(exc, (TransportError, UnparseableResponse)):
         return True
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, HTTPStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return isinstance(exc, (httpx.TransportError, asyncio.TimeoutError))
+    return False
 
 
 def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}: {str(exc.message)[:300]}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, HTTPStatusError):
+        return f"HTTP {exc.status_code}: {str(exc)[:300]}"
+    if isinstance(exc, RequestTimeout):
         return "request timed out"
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc
-        return f"connection error: {type(cause).__name__}: {str(cause)[:200]}"
+    if isinstance(exc, TransportError):
+        return f"connection error: {str(exc)[:200]}"
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def is_rate_limited(exc: BaseException | None) -> bool:
-    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
-
-
-def _is_truncated_body(exc: BaseException) -> bool:
-    """The answer's headers came but its body ended early (h11: "peer closed connection without
-    sending complete message body"); a dropped connection ends before any answer."""
-    node: BaseException | None = exc
-    for _ in range(8):
-        if node is None:
-            return False
-        if "complete message body" in str(node):
-            return True
-        node = node.__cause__ or node.__context__
-    return False
+    return isinstance(exc, HTTPStatusError) and exc.status_code == 429
 
 
 def attempt_cause(exc: BaseException | None) -> str:
     """The accounting category of a failed attempt, finer than the breaker's (a 429 and a truncated
     body are causes here): ``HTTP <status>``, ``timeout``, ``truncated body``, ``connection``,
     ``unparseable body`` or the exception's type."""
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, HTTPStatusError):
         return f"HTTP {exc.status_code}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, RequestTimeout):
         return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return "truncated body" if _is_truncated_body(exc) else "connection"
+    if isinstance(exc, TransportError):
+        # the answer's headers came but its body ended early; a dropped connection ends before
+        return "truncated body" if exc.truncated else "connection"
     if isinstance(exc, UnparseableResponse):
         return "unparseable body"
     return type(exc).__name__
@@ -161,6 +163,46 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     """A request's token estimate for the rate limits: its messages at ~4 characters a token,
     plus the answer it may get."""
     return len(json.dumps(body["messages"], ensure_ascii=False)) // 4 + body["max_tokens"]
+
+
+def chat_payload(body: dict[str, Any]) -> bytes:
+    """The chat-completions request of a :meth:`LLMClient.request_body` (which also holds what
+    only the cache key needs), as JSON bytes."""
+    payload = {"model": body["model"], "messages": body["messages"], "temperature": body["temperature"],
+               "max_tokens": body["max_tokens"]}
+    if body["response_format"] is not None:
+        payload["response_format"] = body["response_format"]
+    if body["seed"] is not None:
+        payload["seed"] = body["seed"]
+    payload.update(body.get("sampling", {}))
+    return json_body(payload)
+
+
+def completion_fields(content: bytes) -> dict[str, Any]:
+    """The fields the pipeline keeps of a chat completion's JSON body (id, model, the first
+    choice's content and finish reason, token usage); :class:`UnparseableResponse` when the body
+    is not a chat completion with content."""
+    try:
+        completion = json.loads(content)
+    except ValueError as exc:  # an HTML error page from a proxy, half a body
+        raise UnparseableResponse(f"unparseable response body: {exc}") from exc
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise UnparseableResponse("response has no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise UnparseableResponse("response has no message content")
+    usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
+    return {
+        "id": completion.get("id"),
+        "model": completion.get("model"),
+        "content": text,
+        "finish_reason": choice.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens") or 0,
+        "completion_tokens": usage.get("completion_tokens") or 0,
+    }
 
 
 class RetryBudget:
@@ -207,11 +249,11 @@ class RetryBudget:
 def failure_cause(exc: BaseException) -> str | None:
     """The breaker's category of a failed attempt: failures with the same category are "the same
     cause". ``None`` for a 429: the server is pacing us, which the rate limits handle, not down."""
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, HTTPStatusError):
         return None if exc.status_code == 429 else f"HTTP {exc.status_code}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, RequestTimeout):
         return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, TransportError):
         return "connection error"
     if isinstance(exc, UnparseableResponse):
         return "unparseable response"
@@ -304,12 +346,14 @@ def check_endpoint(base_url: str, api_key: str | None, model: str | None = None,
     slow answer here is for the run's own retries and circuit breaker to judge."""
     host = endpoint_host(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # plain http has no TLS, and loading the CA bundle for nothing takes httpx about 50 ms
+    verify = urlsplit(base_url).scheme != "http"
     failure = "no attempt"
     for attempt in range(attempts):
         if attempt:
             time.sleep(min(0.5, timeout_s))
         try:
-            response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s)
+            response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s, verify=verify)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             failure = connect_failure(exc, timeout_s)
             continue
@@ -408,12 +452,10 @@ class LLMClient:
         self.endpoint = endpoint
         self.settings = settings
         self.cache = cache
-        self._sdks = [
-            openai.AsyncOpenAI(base_url=url, api_key=endpoint.api_key or NO_KEY, max_retries=0,
-                               timeout=settings.timeout_s)
-            for url in (endpoint.base_url, *endpoint.replicas)
-        ]
-        self._in_flight = [0] * len(self._sdks)
+        self._transports: list[Transport] = [open_transport(url, settings.timeout_s)
+                                             for url in (endpoint.base_url, *endpoint.replicas)]
+        self._headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        self._in_flight = [0] * len(self._transports)
         self._slots = asyncio.Semaphore(concurrency or settings.concurrency)
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
@@ -455,8 +497,8 @@ class LLMClient:
                 for name, u in sorted(self.usage.items())}
 
     async def aclose(self) -> None:
-        for sdk in self._sdks:
-            await sdk.close()
+        for transport in self._transports:
+            await transport.aclose()
 
     # -- one request -------------------------------------------------------------------------
 
@@ -488,6 +530,7 @@ class LLMClient:
                 return key, hit
 
         s = self.settings
+        payload = chat_payload(body)
         budget = RetryBudget(s.max_retries, s.retry_budget_s)
         retrying = AsyncRetrying(
             stop=budget,
@@ -504,40 +547,29 @@ class LLMClient:
                         raise CircuitOpen(self.breaker.reason)
                     if attempt.retry_state.attempt_number > 1:
                         usage.retries += 1
-                    response = await self._attempt(body, usage)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            raise FatalLLMError(f"{endpoint_host(self.endpoint.base_url)} refused the request "
-                                f"({describe_error(exc)}); check GSP_LLM_API_KEY / GSP_LLM_MODEL") from exc
+                    response = await self._attempt(body, payload, usage)
         except CircuitOpen as exc:
             raise LLMCallError(f"not sent, endpoint failing: {exc} (circuit breaker)") from exc
         except Exception as exc:  # every failure mode becomes one clear, recorded reason
+            if isinstance(exc, HTTPStatusError) and exc.status_code in REFUSING_STATUSES:
+                raise FatalLLMError(f"{endpoint_host(self.endpoint.base_url)} refused the request "
+                                    f"({describe_error(exc)}); check GSP_LLM_API_KEY / GSP_LLM_MODEL") from exc
             attempts = retrying.statistics.get("attempt_number", 1)
             raise LLMCallError(f"{describe_error(exc)} {budget.outcome(attempts)}") from exc
         if self.cache is not None:
             self.cache.put(key, response)
         return key, response
 
-    async def _attempt(self, body: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
+    async def _attempt(self, body: dict[str, Any], payload: bytes, usage: StageUsage) -> dict[str, Any]:
         try:
-            response = await self._send(body, usage)
+            response = await self._send(body, payload, usage)
         except Exception as exc:
             self.breaker.record(exc)
             raise
         self.breaker.record(None)
         return response
 
-    async def _send(self, body: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": body["model"],
-            "messages": body["messages"],
-            "temperature": body["temperature"],
-            "max_tokens": body["max_tokens"],
-        }
-        if body["response_format"] is not None:
-            kwargs["response_format"] = body["response_format"]
-        if body["seed"] is not None:
-            kwargs["seed"] = body["seed"]
-        kwargs.update(body.get("sampling", {}))
+    async def _send(self, body: dict[str, Any], payload: bytes, usage: StageUsage) -> dict[str, Any]:
         async with self._slots:
             if self._rpm is not None:
                 await self._rpm.acquire()
@@ -550,42 +582,23 @@ class LLMClient:
                 raise CircuitOpen(self.breaker.reason)
             usage.requests += 1
             try:
-                return await self._exchange(kwargs, usage)
+                return await self._exchange(payload, usage)
             except Exception as exc:  # every attempt sent is counted as ok or with its cause
                 usage.count_failure(attempt_cause(exc))
                 raise
 
-    async def _exchange(self, kwargs: dict[str, Any], usage: StageUsage) -> dict[str, Any]:
+    async def _exchange(self, payload: bytes, usage: StageUsage) -> dict[str, Any]:
         """One HTTP exchange with the least busy replica; its answer as plain data."""
-        replica = min(range(len(self._sdks)), key=self._in_flight.__getitem__)
+        replica = min(range(len(self._transports)), key=self._in_flight.__getitem__)
         self._in_flight[replica] += 1
         try:
-            completion = await self._sdks[replica].chat.completions.create(**kwargs)
-        except openai.APIError:
-            raise
-        except (ValueError, TypeError) as exc:  # body that is not a chat completion (bad JSON)
-            raise UnparseableResponse(f"unparseable response body: {exc}") from exc
+            answer = await self._transports[replica].post(payload, self._headers)
         finally:
             self._in_flight[replica] -= 1
-        if isinstance(completion, str) or not getattr(completion, "choices", None):
-            raise UnparseableResponse("response has no choices")
-        choice = completion.choices[0]
-        content = choice.message.content if choice.message is not None else None
-        if content is None:
-            raise UnparseableResponse("response has no message content")
-        u = completion.usage
-        prompt_tokens = (u.prompt_tokens or 0) if u else 0
-        completion_tokens = (u.completion_tokens or 0) if u else 0
-        usage.prompt_tokens += prompt_tokens
-        usage.completion_tokens += completion_tokens
-        return {
-            "id": completion.id,
-            "model": completion.model,
-            "content": content,
-            "finish_reason": choice.finish_reason,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-        }
+        response = completion_fields(answer.content)
+        usage.prompt_tokens += response["prompt_tokens"]
+        usage.completion_tokens += response["completion_tokens"]
+        return response
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
