@@ -320,6 +320,8 @@ class MCSettings(_Section):
     preset: str = Field("tiny", description="Default training recipe for `gsp run` (mc.presets: slr500, autsl, tiny).")
     epochs: int | None = Field(None, ge=1, description="Epochs of every training run unless a command or flow "
                                "parameter says otherwise; default: the preset's.")
+    compile: bool = Field(False, description="torch.compile the skeleton backbone in training (falls back to "
+                          "eager, with one warning, where it cannot compile).")
 
     @field_validator("device")
     @classmethod

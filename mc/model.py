@@ -19,6 +19,7 @@ topology is learnable either way, so we keep the reference initialisation.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- graph
 
 
@@ -208,15 +210,91 @@ class UnitGCN(nn.Module):
         _bn_init(self.bn, 1e-6)
         self.relu = nn.ReLU(inplace=True)
 
+    #: "fast" or "reference" (:func:`set_formulation`): the same parameters and the same function.
+    formulation: str = "fast"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = None
-        for i, conv in enumerate(self.convs):
-            z = conv(x, self.PA[i], self.alpha)
-            y = z if y is None else y + z
+        if self.formulation == "reference":
+            y = self._graph_conv_reference(x)
+        else:
+            y = self._graph_conv_fast(x)
         y = self.bn(y)
         if self.residual:
             y = y + (self.down(x) if self.down is not None else x)
         return self.relu(y)
+
+    def _graph_conv_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_k CTR-GC_k(x), subset by subset, as the reference code computes it."""
+        y = None
+        for i, conv in enumerate(self.convs):
+            z = conv(x, self.PA[i], self.alpha)
+            y = z if y is None else y + z
+        return y
+
+    def _graph_conv_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_k CTR-GC_k(x) with all K subsets at once: the reference function, computed with
+        fewer, larger operations (``bench/backbone.py`` compares the two)."""
+        rel = self._relations(x)
+        x3 = self._subset_features(x)
+        if self.convs[0].factorized:
+            return sum(conv._forward_factorized(rel[:, i], x3[:, i], self.PA[i], self.alpha)
+                       for i, conv in enumerate(self.convs))
+        return self._topology_product(rel, x3)
+
+    def _relations(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(φ(x̄)_u − ψ(x̄)_v) of every subset, (N, K, R, V, V).
+
+        conv1/conv2 are linear 1×1 convolutions, so their mean over frames is the convolution of
+        the frame mean: one (2KR × C) product on (N, C, V) instead of 2K convolutions over all T
+        frames (the reference's costliest small convolutions at 87 joints)."""
+        convs = self.convs
+        k, r = len(convs), convs[0].conv1.out_channels
+        w = torch.cat([m.weight.flatten(1) for g in convs for m in (g.conv1, g.conv2)])
+        b = torch.cat([m.bias for g in convs for m in (g.conv1, g.conv2)])
+        q = (torch.matmul(w, x.mean(2)) + b.unsqueeze(-1)).view(x.shape[0], k, 2, r, x.shape[-1])
+        return torch.tanh(q[:, :, 0].unsqueeze(-1) - q[:, :, 1].unsqueeze(-2))
+
+    def _subset_features(self, x: torch.Tensor) -> torch.Tensor:
+        """conv3 of every subset as one convolution over the stacked weights, (N, K, C, T, V)."""
+        w = torch.cat([g.conv3.weight for g in self.convs])
+        b = torch.cat([g.conv3.bias for g in self.convs])
+        y = nn.functional.conv2d(x, w, b)
+        n, _, t, v = y.shape
+        return y.view(n, len(self.convs), -1, t, v)
+
+    def _topology_product(self, rel: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """Σ_k Σ_v (α·conv4_k(rel_k) + A_k)[n,c,u,v] · x3_k[n,c,t,v] (the CTR-GC aggregation).
+
+        α, conv4's bias and the adjacency A_k enter one (C × (R+2)) matmul per subset, as two
+        constant relation channels (ones and A_k) with weight columns α·b and 1: the (N, C, V, V)
+        topology is written once, with no broadcast multiply/add passes over it, and the
+        gradients of α, b and A come out of the matmul's own backward instead of reductions over
+        (N, C, V, V)."""
+        n, k, r, v, _ = rel.shape
+        c = x3.shape[2]
+        w4 = torch.stack([g.conv4.weight.view(c, r) for g in self.convs]) * self.alpha
+        b4 = torch.stack([g.conv4.bias for g in self.convs]).unsqueeze(-1) * self.alpha
+        w_aug = torch.cat([w4, b4, torch.ones_like(b4)], dim=-1)  # K, C, R+2
+        consts = torch.cat([torch.ones_like(self.PA).unsqueeze(1), self.PA.unsqueeze(1)], dim=1)
+        rel_aug = torch.cat([rel, consts.unsqueeze(0).expand(n, -1, -1, -1, -1)], dim=2)
+        topo = torch.matmul(w_aug, rel_aug.view(n, k, r + 2, v * v)).view(n, k, c, v, v)
+        return torch.matmul(x3, topo.transpose(-1, -2)).sum(1)
+
+
+#: The graph-unit formulations: "fast" (the default) and "reference" (the reference code's
+#: operations, kept for the equality tests and ``bench/backbone.py``).
+FORMULATIONS = ("fast", "reference")
+
+
+def set_formulation(model: nn.Module, name: str) -> nn.Module:
+    """Compute every graph unit of ``model`` with formulation ``name``; returns ``model``.
+    Parameters and state_dict are the same under both."""
+    if name not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {name!r}; choose one of {', '.join(FORMULATIONS)}")
+    for m in model.modules():
+        if isinstance(m, UnitGCN):
+            m.formulation = name
+    return model
 
 
 class TCNGCNUnit(nn.Module):
@@ -295,13 +373,60 @@ class CTRGCNBackbone(nn.Module):
             c_in = c_out
         self.units = nn.Sequential(*units)
         self.out_channels = c_in
+        #: The torch.compile'd forward (:func:`compile_backbone`); None: eager. A plain attribute,
+        #: so the state_dict (and every checkpoint) is the same either way.
+        self._compiled = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(x)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # Compilation runs at the first call (and at a new shape); nothing has run yet.
+                self._compiled = None
+                log.warning("torch.compile failed (%s); going on with the eager model", _first_line(exc))
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         n, c, t, v, m = x.shape
         x = x.permute(0, 4, 3, 1, 2).contiguous().view(n, m * v * c, t)
         x = self.data_bn(x)
         x = x.view(n, m, v, c, t).permute(0, 1, 3, 4, 2).contiguous().view(n * m, c, t, v)
         return self.units(x)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def compile_backbone(model: nn.Module) -> bool:
+    """Compile ``model.backbone`` with ``torch.compile`` in place (the parameters, state_dict and
+    function stay the same). Returns False, after one warning line, where it cannot: no C++
+    compiler for the CPU backend, or compilation failing at the first call (the backbone then
+    stays eager)."""
+    backbone = model.backbone
+    if not any(p.is_cuda for p in backbone.parameters()):
+        problem = _cpu_compiler_problem()
+        if problem:
+            log.warning("torch.compile is not available (%s); going on with the eager model", problem)
+            return False
+    backbone._compiled = torch.compile(backbone._forward_eager)
+    return True
+
+
+def _cpu_compiler_problem() -> str | None:
+    """Why inductor cannot build CPU kernels here (no working C++ compiler), or None. Checked up
+    front because without it the failure only shows after minutes of tracing."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: the first call's fallback still applies
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler and whatever a broken toolchain raises
+        return f"no working C++ compiler: {_first_line(exc)}"
+    return None
 
 
 class SkeletonClassifier(nn.Module):

@@ -1,0 +1,116 @@
+"""Benchmark: the backbone's fast formulation against the reference one, same weights, same input.
+
+Prints one table (nothing is written): seconds per iteration of a training step's forward +
+backward and of inference, for the reference formulation (the reference CTR-GCN's operations,
+``mc.model.set_formulation(model, "reference")``), the fast one in eager mode, the fast one under
+``torch.compile`` (``--no-compile`` leaves it out) and, with ``--bf16``, both formulations under
+bfloat16 autocast on the CPU (``amp="on"`` in training). Each ratio is against the reference in
+eager float32. Variants are timed interleaved (one iteration of each in turn), so background load
+hits them alike; the median of ``--iters`` iterations is shown.
+
+    .venv/bin/python bench/backbone.py                                  # the issue's full size
+    .venv/bin/python bench/backbone.py --batch 4 --frames 32 --iters 3  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from mc.keypoints import DEFAULT_KEYPOINT_SET, get_layout
+from mc.model import SkeletonClassifier, compile_backbone, model_config_for, set_formulation
+
+
+def train_iteration(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
+    """Forward and backward of a training step (no optimizer step: the backbone is what differs)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with _autocast(bf16):
+        out = model(x)
+    out.float().sum().backward()
+
+
+@torch.no_grad()
+def infer_iteration(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
+    model.eval()
+    with _autocast(bf16):
+        model(x)
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _timed(step: Callable[..., None], *args) -> float:
+    t0 = time.perf_counter()
+    step(*args)
+    return time.perf_counter() - t0
+
+
+def variants(model: SkeletonClassifier, compile_: bool, bf16: bool) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """name → (module, bf16 autocast); every module holds the same weights."""
+    reference = set_formulation(copy.deepcopy(model), "reference")
+    fast = set_formulation(model, "fast")
+    out = {"reference, eager": (reference, False), "fast, eager": (fast, False)}
+    if compile_:
+        compiled = set_formulation(copy.deepcopy(model), "fast")
+        if compile_backbone(compiled):  # else it said why, in one line
+            out["fast, torch.compile"] = (compiled, False)
+    if bf16:
+        out["reference, eager, bf16 autocast"] = (reference, True)
+        out["fast, eager, bf16 autocast"] = (fast, True)
+    return out
+
+
+def measure(runs: dict[str, tuple[torch.nn.Module, bool]], x: torch.Tensor, iters: int) -> dict[str, dict]:
+    """Median seconds per iteration of each variant, training and inference, interleaved."""
+    times = {name: {"train": [], "infer": []} for name in runs}
+    for module, bf16 in runs.values():  # warm-up (and compilation) outside the timing
+        train_iteration(module, x, bf16)
+        infer_iteration(module, x, bf16)
+    for _ in range(iters):
+        for kind, step in (("train", train_iteration), ("infer", infer_iteration)):
+            for name, (module, bf16) in runs.items():
+                times[name][kind].append(_timed(step, module, x, bf16))
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=64, help="base_channels (the paper's width is 64)")
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations per variant (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--layout", default=DEFAULT_KEYPOINT_SET)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the fast formulation under torch.compile")
+    ap.add_argument("--bf16", action="store_true", help="also time both formulations under bf16 autocast")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layout = get_layout(args.layout)
+    torch.manual_seed(0)
+    model = SkeletonClassifier(model_config_for(layout, 46, base_channels=args.channels))
+    x = torch.randn(args.batch, 3, args.frames, layout.num_nodes, 1)
+    result = measure(variants(model, args.compile, args.bf16), x, args.iters)
+
+    base = result["reference, eager"]
+    print(f"backbone V={layout.num_nodes} ({layout.name}), T={args.frames}, batch {args.batch}, "
+          f"base_channels {args.channels}, threads {torch.get_num_threads()}, median of {args.iters}")
+    print(f"{'formulation':<34}{'fwd+bwd s/it':>14}{'ratio':>8}{'inference s/it':>16}{'ratio':>8}")
+    for name, r in result.items():
+        print(f"{name:<34}{r['train']:>14.3f}{r['train'] / base['train']:>7.2f}x"
+              f"{r['infer']:>16.3f}{r['infer'] / base['infer']:>7.2f}x")
+    print("(ratio = time relative to the reference formulation in eager float32; aims: fast eager "
+          "<= 0.8x, torch.compile <= 0.6x fwd+bwd)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The backbone's fast formulation is the reference CTR-GCN function: outputs, parameter
+gradients and BatchNorm statistics equal on random inputs and weights; checkpoints and exports
+load into it unchanged; and the opt-in torch.compile falls back to the eager model where it
+cannot compile (a real missing compiler), with one warning line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from toy_data import toy_pyskl
+
+from mc.evaluate import CHECKPOINT_KEYS, export_inference, load_inference
+from mc.keypoints import get_layout
+from mc.model import GSPMCModel, UnitGCN, model_config_for, set_formulation
+
+torch.set_num_threads(1)
+GSP = str(Path(sys.executable).with_name("gsp"))
+
+
+def _randomised(model: GSPMCModel, seed: int) -> GSPMCModel:
+    """Weights away from their init (alpha = 0 and BN γ = 1e-6 would hide the refined topology)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("alpha") or "gcn1.bn." in name or ".PA" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if "bn.weight" in name else 0.0))
+    return model
+
+
+def _step(model: GSPMCModel, x: torch.Tensor, formulation: str):
+    """Train-mode forward and backward; (logits, global embedding, grads by name, buffers)."""
+    set_formulation(model, formulation)
+    model.zero_grad(set_to_none=True)
+    out = model.forward_train(x)
+    weights = torch.linspace(-1, 1, out.logits.numel(), dtype=x.dtype).view_as(out.logits)
+    parts = sum(e.square().sum() for e in out.part_embeddings.values())
+    ((out.logits * weights).sum() + out.global_embedding.square().sum() + parts).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.global_embedding.detach(), grads
+
+
+CASES = {
+    # layout, base_channels (narrow: the factorised product; 32 mixes both; 64 the wide form), persons, strides
+    "v27-narrow": ("base27", 8, 1, (5, 8)),
+    "v87-mixed-2persons": ("gsp87", 32, 2, (5, 8)),
+    "v27-wide-other-strides": ("base27", 64, 1, (2, 9)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_equals_reference_outputs_and_gradients_float64(case):
+    layout_name, base, persons, strides = CASES[case]
+    layout = get_layout(layout_name)
+    cfg = model_config_for(layout, num_classes=5, base_channels=base, text_dim=6)
+    cfg.num_persons, cfg.stride_units = persons, strides
+    torch.manual_seed(0)
+    fast = _randomised(GSPMCModel(cfg).double(), seed=1)
+    reference = _randomised(GSPMCModel(cfg).double(), seed=1)
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 8, layout.num_nodes, persons, dtype=torch.float64)
+
+    logits_r, emb_r, grads_r = _step(reference, x, "reference")
+    logits_f, emb_f, grads_f = _step(fast, x, "fast")
+    torch.testing.assert_close(logits_f, logits_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(emb_f, emb_r, rtol=1e-9, atol=1e-9)
+    assert grads_f.keys() == grads_r.keys() and len(grads_r) == len(list(fast.parameters()))
+    scale = max(g.abs().max().item() for g in grads_r.values())
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-7, atol=1e-10 * scale, msg=name)
+    # the same batch statistics went into BatchNorm's running buffers
+    buffers_r = dict(reference.named_buffers())
+    for name, b in fast.named_buffers():
+        torch.testing.assert_close(b, buffers_r[name], rtol=1e-9, atol=1e-12, msg=name)
+    # the formulations really differ in how they compute (else this test proves nothing)
+    assert {u.formulation for u in fast.modules() if isinstance(u, UnitGCN)} == {"fast"}
+
+
+def test_fast_equals_reference_in_float32_at_87_joints():
+    """Full width at 87 joints in float32: outputs within 1e-4 of their scale; gradients as close
+    to the float64 truth as the reference formulation's own float32 gradients are (through ten
+    units of random weights float32 rounding alone moves the first units' gradients by ~1e-2 of
+    their scale, in either formulation)."""
+    layout = get_layout("gsp87")
+    torch.manual_seed(2)
+    model = _randomised(GSPMCModel(model_config_for(layout, num_classes=4, base_channels=64, text_dim=6)), seed=3)
+    x = torch.randn(2, 3, 8, layout.num_nodes, 1)
+    logits_r, emb_r, grads_r = _step(model, x, "reference")
+    logits_f, emb_f, grads_f = _step(model, x, "fast")
+    torch.testing.assert_close(logits_f, logits_r, rtol=0, atol=1e-4 * logits_r.abs().max().item())
+    torch.testing.assert_close(emb_f, emb_r, rtol=0, atol=1e-4 * emb_r.abs().max().item())
+    _, _, truth = _step(model.double(), x.double(), "reference")
+    scale = max(g.abs().max().item() for g in truth.values())
+
+    def error(grads):
+        return max((grads[k].double() - g).abs().max().item() for k, g in truth.items()) / scale
+
+    assert error(grads_f) <= 1.5 * error(grads_r) + 1e-6, (error(grads_f), error(grads_r))
+
+
+def test_reference_checkpoint_exports_and_loads_into_the_fast_model(tmp_path):
+    """A training checkpoint written from the reference formulation (the state_dict layout every
+    existing run has) exports and loads with no key or shape change, and predicts the same."""
+    layout = get_layout("gsp87")
+    cfg = model_config_for(layout, num_classes=6, base_channels=16, text_dim=8)
+    torch.manual_seed(4)
+    reference = set_formulation(_randomised(GSPMCModel(cfg), seed=5), "reference").eval()
+    ckpt = {k: None for k in CHECKPOINT_KEYS}
+    ckpt.update(model=reference.state_dict(), model_config=cfg.to_dict(), meta={"frames": 10, "layout": "gsp87"})
+    torch.save(ckpt, tmp_path / "last.pt")
+    export_inference(tmp_path / "last.pt", tmp_path / "export.pt")
+    loaded, payload = load_inference(tmp_path / "export.pt")
+    assert {u.formulation for u in loaded.modules() if isinstance(u, UnitGCN)} == {"fast"}
+    x = torch.randn(4, 3, 10, layout.num_nodes, 1)
+    with torch.no_grad():
+        want = reference(x)
+        got = loaded(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert set(payload["state_dict"]) == {k for k in reference.state_dict() if not k.startswith("projections.")}
+
+
+def test_unknown_formulation_is_refused():
+    model = GSPMCModel(model_config_for(get_layout("base27"), num_classes=3, base_channels=8))
+    with pytest.raises(ValueError, match="unknown formulation 'fastest'.*fast, reference"):
+        set_formulation(model, "fastest")
+
+
+def _train_cli(data: Path, out: Path, *extra: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [GSP, "train", "--data", str(data), "--out", str(out), "--epochs", "1", "--frames", "8",
+           "--batch-size", "8", "--base-channels", "8", "--threads", "1", "--no-progress", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_compile_without_a_compiler_falls_back_to_the_same_eager_training(tmp_path):
+    """GSP_MC_COMPILE=1 where inductor has no C++ compiler (CXX names none): one warning line, and
+    the run trains exactly as `--no-compile` does."""
+    data = toy_pyskl(tmp_path / "toy.pkl", num_classes=3, per_class=4, test_per_class=2, frames=10)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "CXX": str(tmp_path / "no-such-c++")}
+    compiled = _train_cli(data, tmp_path / "compiled", env={**env, "GSP_MC_COMPILE": "1"})
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    warnings = [line for line in compiled.stderr.splitlines() if "torch.compile" in line]
+    assert len(warnings) == 1, compiled.stderr[-2000:]
+    assert "not available" in warnings[0] and "C++ compiler" in warnings[0] and "eager" in warnings[0]
+    assert "Traceback" not in compiled.stderr
+    eager = _train_cli(data, tmp_path / "eager", "--no-compile", env={**env, "GSP_MC_COMPILE": "1"})
+    assert eager.returncode == 0, eager.stderr[-2000:]
+    assert "torch.compile" not in eager.stderr  # --no-compile wins over the setting
+    a = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "eager" / "metrics.json").read_text())
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    np.testing.assert_array_equal(np.load(tmp_path / "compiled" / "test_scores.npz")["scores"],
+                                  np.load(tmp_path / "eager" / "test_scores.npz")["scores"])
