@@ -289,45 +289,70 @@ def rankable_classes(payload: Mapping, num_outputs: int) -> list[int] | None:
     return kept or None
 
 
+#: Keypoint files `gsp predict` reads: suffix → what it holds.
+KEYPOINT_SUFFIXES = {".npy": "a (T, 133, 3) numpy array", ".pose": "a pose-format file"}
+
+
 def read_keypoint_file(path: Path) -> np.ndarray:
-    """A (T, 133, 3) clip from a ``.npy`` file (the per-video format), checked."""
+    """A (T, 133, 3) float32 clip from a ``.npy`` file (the per-video format) or a ``.pose`` file
+    (pose-format, mapped to COCO-WholeBody by :mod:`mc.pose_format`), checked."""
     from mc.data import SampleError, check_keypoints
 
     path = Path(path)
     if not path.is_file():
         raise SampleError(f"{path}: keypoint file not found")
-    if path.suffix.lower() != ".npy":
-        raise SampleError(f"{path}: expected a (T, 133, 3) .npy keypoint file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SampleError(f"{path}: unreadable .npy: {exc}") from exc
+    suffix = path.suffix.lower()
+    if suffix not in KEYPOINT_SUFFIXES:
+        allowed = ", ".join(f"{s} ({what})" for s, what in KEYPOINT_SUFFIXES.items())
+        raise SampleError(f"{path}: not a keypoint file; give {allowed}")
+    if suffix == ".pose":
+        from mc.pose_format import read_pose_file  # pose-format is only needed for .pose files
+
+        arr = read_pose_file(path)
+    else:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SampleError(f"{path}: unreadable .npy: {exc}") from exc
     return np.asarray(check_keypoints(arr, path.stem, str(path), check_values=True), dtype=np.float32)
+
+
+def prediction_input(clip: np.ndarray, settings: Mapping, source: Path | str) -> np.ndarray:
+    """The model input (1, C, T, V, 1) of one clip, with the test-time preprocessing an export
+    records (``layout``, ``stream``, ``frames``; ``transform``: TransformConfig overrides, none in
+    ``export.pt``). The one home of predict's preprocessing, for PyTorch and ONNX Runtime alike."""
+    from mc.transforms import TransformConfig, prepare
+
+    try:
+        layout = get_layout(settings.get("layout", DEFAULT_KEYPOINT_SET))
+        config = TransformConfig(**dict(settings.get("transform") or {}))
+    except (LayoutError, TypeError) as exc:
+        raise EvaluationError(f"{source}: not a usable gsp-mc export ({exc})") from None
+    x = prepare(clip, layout, settings["stream"], int(settings["frames"]), train=False, config=config)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None, ..., None], dtype=np.float32)
+
+
+def top_predictions(logits: np.ndarray, settings: Mapping, topk: int) -> list[dict]:
+    """The ``topk`` most probable classes of one sample's logits: a softmax over the classes the
+    export may name (:func:`rankable_classes`), each as {label, name, probability}, most probable
+    first (ties: lower label). The one home of predict's output, for PyTorch and ONNX Runtime."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    classes = rankable_classes(settings, logits.size) or list(range(logits.size))
+    z = logits[classes] - logits[classes].max()
+    prob = np.exp(z) / np.exp(z).sum()  # a distribution over the rankable classes only
+    order = np.argsort(-prob, kind="stable")[: min(topk, len(classes))]
+    names = settings.get("labels") or []
+    return [{"label": classes[i], "name": names[classes[i]] if classes[i] < len(names) else None,
+             "probability": float(prob[i])} for i in order]
 
 
 @torch.no_grad()
 def predict_file(export: Path, keypoint_file: Path, topk: int = 5) -> list[dict]:
     """Top-k classes for one keypoint file with an exported model (centred test-time sampling)."""
-    from mc.transforms import prepare
-
     model, payload = load_inference(export)
-    clip = read_keypoint_file(keypoint_file)
-    try:
-        layout = get_layout(payload.get("layout", DEFAULT_KEYPOINT_SET))
-    except LayoutError as exc:
-        raise EvaluationError(f"{export}: not a usable gsp-mc export ({exc})") from None
-    x = prepare(clip, layout, payload["stream"], payload["frames"], train=False)
-    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None, ..., None]))
-    logits = model(tensor).float()[0]
-    classes = rankable_classes(payload, logits.numel()) or list(range(logits.numel()))
-    prob = torch.softmax(logits[classes], dim=0)  # a distribution over the rankable classes only
-    values, idx = prob.topk(min(topk, len(classes)))
-    names = payload.get("labels") or []
-    labels = [classes[i] for i in idx.tolist()]
-    return [
-        {"label": c, "name": names[c] if c < len(names) else None, "probability": float(v)}
-        for v, c in zip(values.tolist(), labels)
-    ]
+    x = prediction_input(read_keypoint_file(keypoint_file), payload, export)
+    logits = model(torch.from_numpy(x)).float()[0].numpy()
+    return top_predictions(logits, payload, topk)
 
 
 def recorded_data_path(run_dir: Path, recorded: str) -> Path:
@@ -371,6 +396,14 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     model = model_from_checkpoint(ckpt, run.checkpoint)
     num_classes = model.cfg.num_classes
     samples = load_samples(data, split=split, skip_bad=skip_bad, num_classes=num_classes)
+    holdout = [int(c) for c in meta.get("holdout_classes") or []]
+    if holdout:  # never trained: recognised only zero-shot (mc.zeroshot), as training's test metrics say
+        from mc.data import Samples
+
+        samples = Samples([s for s in samples if int(s.label) not in set(holdout)], samples.skipped)
+        if not samples:
+            raise EvaluationError(f"{data}: every {split!r} clip belongs to a held-out class of {run_dir}; "
+                                  "evaluate them with --zero-shot")
     ds = SkeletonDataset(samples, get_layout(meta.get("layout", DEFAULT_KEYPOINT_SET)),
                          stream=meta.get("stream", "joint"),
                          frames=int(meta.get("frames", 64)), train=False, num_classes=num_classes)
@@ -380,5 +413,7 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     metrics = write_eval_outputs(folder.root, scores, labels, ds.sample_ids, num_classes)
     metrics.update({"checkpoint_epoch": int(ckpt["epoch"]), "data": str(data), "split": split,
                     "stream": meta.get("stream"), "skipped": [list(s) for s in samples.skipped]})
+    if holdout:
+        metrics.update({"holdout_classes": holdout, "test_classes": "seen classes only"})
     write_json_atomic(folder.metrics, metrics)
     return metrics
