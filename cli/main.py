@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from cli import demo, diff, generate, kb, report, review, run, stack, training
+from cli import demo, diff, experiment, export, generate, kb, report, retrieve, review, run, stack, training
 from cli.common import check_named_settings
 from gsp.errors import GspError
 
@@ -87,7 +87,7 @@ def _root(
 
 
 # Each command group registers its commands the same way: module-level functions, `register(app)`.
-for _group in (kb, generate, training, demo, run, stack, report, diff, review):
+for _group in (kb, generate, training, demo, run, stack, report, diff, review, retrieve, experiment, export):
     _group.register(app)
 
 

@@ -97,6 +97,18 @@ def _print_metrics(metrics: dict, title: str) -> None:
     Console(stderr=True).print(table)
 
 
+def _holdout_option(classes: str | None, fraction: float | None) -> list[int] | None:
+    """``--holdout-classes 3,17,40`` as labels; refused with ``--holdout-fraction`` or when not integers."""
+    if classes is None:
+        return None
+    if fraction is not None:
+        fail("--holdout-classes and --holdout-fraction exclude each other; give one")
+    try:
+        return [int(v) for v in classes.split(",") if v.strip()]
+    except ValueError:
+        fail(f"--holdout-classes {classes!r}: give comma-separated label ids, e.g. 3,17,40")
+
+
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy files."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.json, export.pt)."),
@@ -112,6 +124,15 @@ def train_cmd(
     base_channels: int | None = typer.Option(
         None, "--base-channels", min=4, help="CTR-GCN width of the first units.", show_default="the preset's"),
     no_contrastive: bool = typer.Option(False, "--no-contrastive", help="CE-only baseline even with --descriptions."),
+    train_per_class: int | None = typer.Option(
+        None, "--train-per-class", min=1, help="Train on K clips per class (drawn by --seed; the same K "
+        "clips for every run with that seed).", show_default="all"),
+    holdout_classes: str | None = typer.Option(
+        None, "--holdout-classes", help="Labels to leave out of training, e.g. 3,17,40 (at least 2), for "
+        "`gsp eval RUN --zero-shot`; the test metrics then cover the other classes.", show_default="none"),
+    holdout_fraction: float | None = typer.Option(
+        None, "--holdout-fraction", help="Leave out this share of the classes (e.g. 0.2), drawn with --seed.",
+        show_default="none"),
     ablation: str = typer.Option(
         "all", "--ablation", help="Text sets of the contrastive loss: ce, synonyms, prompt, multipart, "
         "synonyms+prompt, all."),
@@ -125,6 +146,9 @@ def train_cmd(
         None, "--device", help="auto, cpu, cuda, cuda:N or mps.", show_default="GSP_MC_DEVICE, else auto"),
     amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto (on for CUDA), on, off."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads.", show_default="torch's"),
+    compile_: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the backbone (eager, with one warning, where it "
+        "cannot compile).", show_default="GSP_MC_COMPILE, else off"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore an existing checkpoint in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and CI)."),
@@ -145,14 +169,16 @@ def train_cmd(
     _check_choice("--amp", amp, AMP_CHOICES)
     if device is not None:
         _check_device("--device", device)
+    held_out = _holdout_option(holdout_classes, holdout_fraction)
     _log_mc_to_stderr()
     try:
         cfg = TrainConfig.from_settings(
             settings, data=data, out=out, descriptions=descriptions, preset=preset, stream=stream, epochs=epochs,
             batch_size=batch_size, lr=lr, frames=frames, base_channels=base_channels,
+            train_per_class=train_per_class, holdout_classes=held_out, holdout_fraction=holdout_fraction,
             contrastive=not no_contrastive, ablation=ablation, alpha=alpha, tau=tau, layout=layout,
-            seed=seed, device=device, amp=amp, threads=threads, skip_bad=skip_bad, resume=not no_resume,
-            progress=not no_progress,
+            seed=seed, device=device, amp=amp, threads=threads, compile=compile_, skip_bad=skip_bad,
+            resume=not no_resume, progress=not no_progress,
         )
     except ValidationError as exc:
         fail(_validation_line(exc))
@@ -176,14 +202,28 @@ def eval_cmd(
         None, "--device", help="auto, cpu, cuda, cuda:N or mps.", show_default="GSP_MC_DEVICE, else auto"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Log and skip bad samples instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    zero_shot: bool = typer.Option(
+        False, "--zero-shot", help="Recognise the run's held-out classes (gsp train --holdout-classes) from their "
+        "descriptions alone, against chance and a shuffled-description control."),
+    descriptions: Path | None = typer.Option(
+        None, "--descriptions", help="With --zero-shot: the description run (or root with LATEST) whose texts "
+        "describe the held-out classes.", show_default="the run's own"),
 ) -> None:
-    """Evaluate a run's last checkpoint: top-1/top-5, per-class accuracy, confusion matrix."""
+    """Evaluate a run's last checkpoint: top-1/top-5, per-class accuracy, confusion matrix
+    (or, with --zero-shot, zero-shot top-1/top-5 of its held-out classes)."""
     from gsp.settings import get_settings
     from mc.evaluate import evaluate_checkpoint
 
     if device is None:
         device = get_settings().mc.device
     _check_device("--device", device)
+    if descriptions is not None and not zero_shot:
+        fail("--descriptions is for --zero-shot (plain evaluation uses the classifier, not texts)")
+    if zero_shot:
+        from cli.retrieve import zero_shot_eval
+
+        return zero_shot_eval(run, descriptions=descriptions, data=data, split=split, out=out, device=device,
+                              as_json=as_json)
     try:
         metrics = evaluate_checkpoint(run, data=data, split=split, out=out, device=device, skip_bad=skip_bad)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -220,13 +260,18 @@ def ensemble_cmd(
 
 
 def predict_cmd(
-    model: Path = typer.Argument(..., help="export.pt (or a run folder holding one)."),
-    keypoints: Path = typer.Argument(..., help="A (T, 133, 3) .npy keypoint file."),
+    model: Path = typer.Argument(
+        ..., help="export.pt (or a run folder holding one), or model.onnx (`gsp export RUN --onnx`; run with "
+        "ONNX Runtime)."),
+    keypoints: Path = typer.Argument(..., help="A (T, 133, 3) .npy keypoint file or a .pose file."),
     topk: int = typer.Option(5, "--topk", min=1, help="How many classes to list."),
     as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON."),
 ) -> None:
-    """Classify one keypoint file with an exported model."""
-    from mc.evaluate import predict_file
+    """Classify one keypoint file with an exported model (PyTorch, or ONNX Runtime for .onnx)."""
+    if model.suffix.lower() == ".onnx":
+        from mc.onnx_export import predict_onnx_file as predict_file
+    else:
+        from mc.evaluate import predict_file
 
     try:
         preds = predict_file(model, keypoints, topk=topk)

@@ -46,16 +46,17 @@ from torch.utils.data import DataLoader
 
 from gsp.atomic import atomic_path, write_json_atomic
 from mc import ddp
-from mc.data import SkeletonDataset, load_splits
+from mc.data import Samples, SkeletonDataset, load_splits
 from mc.device import amp_dtype, amp_enabled, configure_determinism, resolve_device, seed_everything
 from mc.evaluate import EvaluationError, export_inference, load_checkpoint, predict_scores, write_eval_outputs
 from mc.keypoints import DEFAULT_KEYPOINT_SET, KEYPOINT_SETS, Layout, get_layout, layout_from_settings
 from mc.loss import ABLATIONS, BatchTexts, composite_loss, hierarchical_contrastive_loss
-from mc.model import GSPMCModel, ModelConfig, model_config_for, parameter_counts
+from mc.model import GSPMCModel, ModelConfig, compile_backbone, model_config_for, parameter_counts
 from mc.presets import DEFAULT_ALPHA, DEFAULT_TAU, get_recipe, learning_rate
 from mc.run_folder import RunFolder, check_run_folder, claim_run_folder
 from mc.text_features import EncoderSpec, TextBank, build_text_bank
 from mc.transforms import Stream, TransformConfig
+from mc.zeroshot import resolve_holdout, without_classes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,14 @@ class TrainConfig(BaseModel):
     weight_decay: float | None = Field(None, ge=0)
     base_channels: int | None = Field(None, ge=4)
     frames: int | None = Field(None, ge=4)
+    warmup_epochs: int | None = Field(None, ge=0)
+    milestones: tuple[int, ...] | None = Field(None, description="Epochs after which the LR is ×gamma.")
+    train_per_class: int | None = Field(None, ge=1, description="Train on K clips per class, a seeded draw "
+                                        "(per_class_subset); None: all.")
+    holdout_classes: list[int] | None = Field(None, description="Labels left out of training (zero-shot: "
+                                              "mc.zeroshot); their test clips leave the test metrics too.")
+    holdout_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this share of the data's "
+                                           "classes, drawn with the seed (mc.zeroshot.resolve_holdout).")
     layout: str = Field(DEFAULT_KEYPOINT_SET, description="Keypoint set (mc.keypoints.KEYPOINT_SETS).")
     text_encoder: EncoderSpec = Field(default_factory=EncoderSpec, description="Frozen text encoder.")
     text_cache: Path | None = Field(None, description="Text-feature cache root (settings.paths.cache); "
@@ -92,6 +101,8 @@ class TrainConfig(BaseModel):
     amp: Literal["auto", "on", "off"] = "auto"
     num_workers: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    compile: bool = Field(False, description="torch.compile the backbone (GSP_MC_COMPILE); where it cannot "
+                          "compile, one warning and the eager model (mc.model.compile_backbone).")
     resume: bool = True
     progress: bool = True
 
@@ -102,6 +113,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {sorted(ABLATIONS)}")
         if self.layout not in KEYPOINT_SETS:
             get_layout(self.layout)  # raises, naming the choices
+        if self.holdout_classes is not None and self.holdout_fraction is not None:
+            raise ValueError("holdout_classes and holdout_fraction exclude each other; give one")
         if self.uses_contrastive and self.text_cache is None:
             raise ValueError("a contrastive run needs text_cache (the text-feature cache root, "
                              "settings.paths.cache); TrainConfig.from_settings sets it")
@@ -119,7 +132,7 @@ class TrainConfig(BaseModel):
         if "layout" not in given:
             layout_from_settings(mc)  # checked here, so that a bad setting is named as its variable
         base = {"preset": mc.preset, "epochs": mc.epochs, "layout": mc.keypoint_preset, "seed": mc.seed,
-                "device": mc.device,
+                "device": mc.device, "compile": mc.compile,
                 "num_workers": mc.num_workers, "text_encoder": EncoderSpec.from_settings(mc),
                 "text_cache": settings.paths.cache}
         return cls(**{**base, **given})
@@ -127,7 +140,8 @@ class TrainConfig(BaseModel):
     def recipe(self) -> dict:
         """The effective recipe: the preset with this config's overrides."""
         p = get_recipe(self.preset).model_dump()
-        for k in ("epochs", "batch_size", "lr", "weight_decay", "base_channels", "frames"):
+        for k in ("epochs", "batch_size", "lr", "weight_decay", "base_channels", "frames", "warmup_epochs",
+                  "milestones"):
             v = getattr(self, k)
             if v is not None:
                 p[k] = v
@@ -136,6 +150,29 @@ class TrainConfig(BaseModel):
     @property
     def uses_contrastive(self) -> bool:
         return bool(self.contrastive and self.descriptions is not None and any(ABLATIONS[self.ablation]))
+
+
+def per_class_subset(samples: Samples, k: int, seed: int) -> Samples:
+    """The first ``k`` clips of every class in a seeded random order (the few-clips regime).
+
+    A class's order is drawn from ``(seed, label)`` alone, so every condition trained with the
+    same seed (CE only, each description run, each ablation) sees the same clips, as a
+    paired-seed comparison needs, and K=2 ⊂ K=4 ⊂ K=8. Other seeds draw other clips: an interval
+    over seeds then includes which clips were drawn, since the claim is about K clips per class,
+    not about one subset. A class with fewer than ``k`` clips is refused."""
+    by_label: dict[int, list[str]] = {}
+    for s in samples:
+        by_label.setdefault(int(s.label), []).append(s.sample_id)
+    short = {label: len(ids) for label, ids in by_label.items() if len(ids) < k}
+    if short:
+        label = min(short, key=short.get)
+        raise ValueError(f"train_per_class {k}: class {label} has only {short[label]} training clips; "
+                         f"use at most {min(len(v) for v in by_label.values())}")
+    keep: set[str] = set()
+    for label, ids in by_label.items():
+        order = np.random.default_rng([seed, label, 7]).permutation(len(ids))
+        keep.update(ids[i] for i in order[:k])
+    return Samples([s for s in samples if s.sample_id in keep], skipped=samples.skipped)
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -288,8 +325,18 @@ def setup(config: TrainConfig | dict) -> TrainState:
     layout = get_layout(cfg.layout)
     splits = load_splits(cfg.data, (cfg.train_split, cfg.test_split), skip_bad=cfg.skip_bad)
     train_samples, test_samples = splits[cfg.train_split], splits[cfg.test_split]
-    run = _claim(cfg.out)
+    if cfg.train_per_class is not None:
+        train_samples = per_class_subset(train_samples, cfg.train_per_class, cfg.seed)
     num_classes = int(max(max(s.label for s in train_samples), max(s.label for s in test_samples))) + 1
+    # Sized before held-out classes leave, so that output i stays label i for every clip of the data
+    # (eval, predict and a later fine-tune on the full set need no remapping); held-out outputs
+    # never get a positive target, and `gsp predict` ranks only trained_labels.
+    holdout = resolve_holdout({s.label for split in splits.values() for s in split}, cfg.holdout_classes,
+                              cfg.holdout_fraction, cfg.seed)
+    train_samples, test_samples = without_classes(train_samples, holdout), without_classes(test_samples, holdout)
+    if not test_samples:
+        raise ValueError(f"{cfg.data}: every {cfg.test_split!r} clip belongs to a held-out class; nothing to test on")
+    run = _claim(cfg.out)
     train_ds = SkeletonDataset(train_samples, layout, stream=cfg.stream, frames=recipe["frames"], train=True,
                                seed=cfg.seed, num_classes=num_classes,
                                transform=TransformConfig(**recipe["augment"]))
@@ -300,7 +347,7 @@ def setup(config: TrainConfig | dict) -> TrainState:
     meta = {"stream": cfg.stream, "frames": recipe["frames"], "layout": layout.name,
             "labels": _label_names(cfg.descriptions, num_classes),
             # the classifier has max(label)+1 outputs; `gsp predict` ranks only classes that trained
-            "trained_labels": sorted({int(s.label) for s in train_samples})}
+            "trained_labels": sorted({int(s.label) for s in train_samples}), "holdout_classes": holdout}
 
     # Every rank loads the checkpoint, so all start from the same weights and optimizer state.
     start_epoch, history, seconds = _resume(cfg, run, learner, model_cfg)
@@ -340,6 +387,8 @@ def _build_learner(cfg: TrainConfig, recipe: dict, layout: Layout, num_classes: 
     # With several processes BatchNorm uses the global batch's statistics (before the optimizer
     # is built: the conversion keeps the parameters but replaces the modules).
     model = ddp.sync_batchnorm(GSPMCModel(model_cfg).to(device), device)
+    if cfg.compile:
+        compile_backbone(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
                                 weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
@@ -501,6 +550,10 @@ def _evaluate_and_write(state: TrainState) -> dict:
         "seed": cfg.seed,
         "num_classes": state.num_classes,
         "train_samples": len(state.train_ds),
+        "train_per_class": cfg.train_per_class,
+        "holdout_classes": state.meta["holdout_classes"],
+        # held-out classes are recognised only zero-shot (`gsp eval RUN --zero-shot`)
+        "test_classes": "seen classes only" if state.meta["holdout_classes"] else "all",
         "test_samples": len(state.test_ds),
         "skipped": state.skipped,
         "device": str(learner.device),
