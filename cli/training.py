@@ -110,7 +110,7 @@ def _holdout_option(classes: str | None, fraction: float | None) -> list[int] | 
 
 
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy files."),
+    data: Path = typer.Option(..., "--data", help="pyskl pickle, labels CSV or folder of .npy or .pose files."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.json, export.pt)."),
     descriptions: Path | None = typer.Option(
         None, "--descriptions", help="Description run (or root with LATEST). Without it: the CE-only baseline."),

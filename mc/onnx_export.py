@@ -40,7 +40,7 @@ from mc.evaluate import (
     top_predictions,
 )
 from mc.keypoints import DEFAULT_KEYPOINT_SET
-from mc.run_folder import RunFolder
+from mc.run_folder import ONNX_FILE, RunFolder
 
 
 class ExportError(EvaluationError):
@@ -48,7 +48,6 @@ class ExportError(EvaluationError):
 
 
 ONNX_FORMAT = "gsp-mc-onnx/1"
-ONNX_FILE = "model.onnx"
 INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
 #: Sizes of the example input the graph is traced with. Both must be above 1: torch.export
@@ -202,7 +201,7 @@ def export_run(run_dir: Path | str, onnx: bool = False, out: Path | str | None =
 
     run = RunFolder(Path(run_dir))
     checkpoint = run_checkpoint(run.root)
-    target = Path(out) if out is not None else (run.root / ONNX_FILE if onnx else run.export)
+    target = Path(out) if out is not None else (run.onnx if onnx else run.export)
     if onnx:
         _check_out(target, ".onnx", is_onnx_export, "a gsp-mc ONNX export")
     else:

@@ -10,7 +10,9 @@ A training run (``gsp train --out RUN``, one stream of the ``mc`` flow)::
       confusion.csv            K×K counts, rows = true class
       metrics.json             test metrics, recipe, history, device, seed, …
       export.pt                the inference-only model (skeleton encoder + classifier)
+      model.onnx               the same model for ONNX Runtime (`gsp export RUN --onnx`)
       eval-<split>/            `gsp eval RUN --split <split>` (an evaluation folder)
+      zeroshot-<split>/        `gsp eval RUN --zero-shot` (metrics.json of the held-out classes)
 
 An evaluation or ensemble folder (``gsp eval``, ``gsp ensemble --out``) holds ``.gsp-eval``,
 ``test_scores.npz``, ``confusion.csv`` and ``metrics.json``.
@@ -31,6 +33,7 @@ METRICS_FILE = "metrics.json"
 SCORES_FILE = "test_scores.npz"
 CONFUSION_FILE = "confusion.csv"
 EXPORT_FILE = "export.pt"
+ONNX_FILE = "model.onnx"
 TENSORBOARD_DIR = "tb"
 RUN_MARKER = ".gsp-run"
 EVAL_MARKER = ".gsp-eval"
@@ -77,6 +80,10 @@ class RunFolder(ScoresFolder):
     @property
     def export(self) -> Path:
         return self.root / EXPORT_FILE
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / ONNX_FILE
 
     @property
     def tensorboard(self) -> Path:

@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path = Field(description="pyskl pickle, labels CSV or .npy folder (mc.data.load_samples).")
+    data: Path = Field(description="pyskl pickle, labels CSV or .npy/.pose folder (mc.data.load_samples).")
     out: Path = Field(description="Run folder: checkpoints, tb/, test scores, metrics.json, export.pt.")
     descriptions: Path | None = Field(None, description="Description run (or descriptions root with LATEST).")
     preset: str = "tiny"
