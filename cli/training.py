@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -72,15 +73,22 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def _log_mc_to_stderr() -> None:
-    """INFO and above from the ``mc`` package (description coverage, resume) on stderr."""
+@contextmanager
+def _mc_log_to_stderr():
+    """INFO and above from the ``mc`` package (description coverage, resume) on stderr, for the
+    duration of one command: a handler left behind would also print under later commands run in
+    the same process (tests, notebooks), whose stderr must stay one line on a user's mistake."""
     logger = logging.getLogger("mc")
-    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
-        logger.removeHandler(h)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -170,25 +178,25 @@ def train_cmd(
     if device is not None:
         _check_device("--device", device)
     held_out = _holdout_option(holdout_classes, holdout_fraction)
-    _log_mc_to_stderr()
-    try:
-        cfg = TrainConfig.from_settings(
-            settings, data=data, out=out, descriptions=descriptions, preset=preset, stream=stream, epochs=epochs,
-            batch_size=batch_size, lr=lr, frames=frames, base_channels=base_channels,
-            train_per_class=train_per_class, holdout_classes=held_out, holdout_fraction=holdout_fraction,
-            contrastive=not no_contrastive, ablation=ablation, alpha=alpha, tau=tau, layout=layout,
-            seed=seed, device=device, amp=amp, threads=threads, compile=compile_, skip_bad=skip_bad,
-            resume=not no_resume, progress=not no_progress,
-        )
-    except ValidationError as exc:
-        fail(_validation_line(exc))
-    try:
-        metrics = launch_training(cfg, nproc_per_node)
-    except (ValueError, RuntimeError, OSError) as exc:
-        fail(str(exc))
-    _print_metrics(
-        metrics, f"{stream} ({'contrastive ' + metrics['ablation'] if metrics['contrastive'] else 'CE only'})")
-    typer.echo(str(RunFolder(out).metrics))
+    with _mc_log_to_stderr():
+        try:
+            cfg = TrainConfig.from_settings(
+                settings, data=data, out=out, descriptions=descriptions, preset=preset, stream=stream, epochs=epochs,
+                batch_size=batch_size, lr=lr, frames=frames, base_channels=base_channels,
+                train_per_class=train_per_class, holdout_classes=held_out, holdout_fraction=holdout_fraction,
+                contrastive=not no_contrastive, ablation=ablation, alpha=alpha, tau=tau, layout=layout,
+                seed=seed, device=device, amp=amp, threads=threads, compile=compile_, skip_bad=skip_bad,
+                resume=not no_resume, progress=not no_progress,
+            )
+        except ValidationError as exc:
+            fail(_validation_line(exc))
+        try:
+            metrics = launch_training(cfg, nproc_per_node)
+        except (ValueError, RuntimeError, OSError) as exc:
+            fail(str(exc))
+        _print_metrics(
+            metrics, f"{stream} ({'contrastive ' + metrics['ablation'] if metrics['contrastive'] else 'CE only'})")
+        typer.echo(str(RunFolder(out).metrics))
 
 
 def eval_cmd(
