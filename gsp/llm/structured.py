@@ -4,8 +4,9 @@ Three request modes, because servers disagree (``GSP_LLM_STRUCTURED_OUTPUT``):
 
 - ``json_schema``: OpenAI's ``{"type": "json_schema", "json_schema": {...}}``;
 - ``json_object``: plain JSON mode (Moonshot v1); the schema travels only in the prompt;
-- ``json_object_schema``: ``{"type": "json_object", "schema": {...}}``, which llama.cpp's server
-  turns into a grammar (it rejects the ``json_schema`` form with HTTP 500).
+- ``json_object_schema``: ``{"type": "json_object", "schema": {...}}``, which llama.cpp's
+  ``llama-server`` turns into a grammar (it takes the ``json_schema`` form too; llama-cpp-python's
+  server, the embedded one before, answered that with HTTP 500); sent through :func:`grammar_safe`.
 
 Whatever the mode, the answer is validated with pydantic; the prompt always states the schema too.
 """
