@@ -32,8 +32,8 @@ import httpx2
 
 USER_AGENT = "gsp-mc"
 #: How long an idle kept-alive connection is reused: servers close idle ones after a while
-#: (uvicorn, which serves llama-cpp-python, after 5 s), and a request sent on a connection the
-#: server is closing fails; below the shortest common idle timeout.
+#: (uvicorn-based servers, such as the fake test server and many self-hosted proxies, after 5 s),
+#: and a request sent on a connection the server is closing fails; below the shortest common one.
 KEEPALIVE_S = 4.0
 MAX_IDLE = 128
 READ_CHUNK = 65536
