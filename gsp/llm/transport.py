@@ -32,7 +32,7 @@ import httpx2
 
 USER_AGENT = "gsp-mc"
 #: How long an idle kept-alive connection is reused: servers close idle ones after a while
-#: (uvicorn-based servers, such as the fake test server and many self-hosted proxies, after 5 s),
+#: (uvicorn-based servers, such as many self-hosted OpenAI-compatible proxies, after 5 s),
 #: and a request sent on a connection the server is closing fails; below the shortest common one.
 KEEPALIVE_S = 4.0
 MAX_IDLE = 128
