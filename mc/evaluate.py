@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -355,6 +356,20 @@ def predict_file(export: Path, keypoint_file: Path, topk: int = 5) -> list[dict]
     return top_predictions(logits, payload, topk)
 
 
+def checkpoint_data_path(run_dir: Path, ckpt: Mapping, data: Path | None = None) -> Path:
+    """``data`` when given, else the data the checkpoint's training config records
+    (:func:`recorded_data_path`); the one home of that lookup for eval, zero-shot and reports."""
+    if data is not None:
+        return Path(data)
+    try:
+        recorded = json.loads(ckpt.get("train_config", "{}")).get("data")
+    except (ValueError, AttributeError):
+        recorded = None
+    if not recorded:
+        raise EvaluationError(f"{run_dir}: no --data given and the checkpoint does not record one")
+    return recorded_data_path(run_dir, recorded)
+
+
 def recorded_data_path(run_dir: Path, recorded: str) -> Path:
     """The data a run was trained on. Runs record it absolute; an older run recorded it as given,
     relative to the folder `gsp train` ran in, which was usually an ancestor of the run folder
@@ -376,7 +391,6 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
                         batch_size: int = 64, device: str = "auto", skip_bad: bool = False) -> dict:
     """Re-evaluate a training run's last checkpoint on a split; writes scores, confusion and
     ``metrics.json`` into ``out`` (default ``<run_dir>/eval-<split>``)."""
-    import json
 
     from mc.data import SkeletonDataset, load_samples
 
@@ -384,15 +398,7 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     run = RunFolder(run_dir)
     ckpt = load_checkpoint(run.checkpoint)
     meta = ckpt.get("meta", {})
-    if data is None:
-        try:
-            recorded = json.loads(ckpt.get("train_config", "{}")).get("data")
-        except (ValueError, AttributeError):
-            recorded = None
-        if not recorded:
-            raise EvaluationError(f"{run_dir}: no --data given and the checkpoint does not record one")
-        data = recorded_data_path(run_dir, recorded)
-    data = Path(data)
+    data = checkpoint_data_path(run_dir, ckpt, data)
     model = model_from_checkpoint(ckpt, run.checkpoint)
     num_classes = model.cfg.num_classes
     samples = load_samples(data, split=split, skip_bad=skip_bad, num_classes=num_classes)

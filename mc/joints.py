@@ -13,7 +13,6 @@ its data and returns them with what the picture needs (the layout, a mean pose, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,17 +121,9 @@ def _checkpoint(run: Path) -> dict:
 
 
 def _data_of(run: Path, ckpt: dict, data: Path | None) -> Path:
-    from mc.evaluate import recorded_data_path
+    from mc.evaluate import checkpoint_data_path
 
-    if data is not None:
-        return Path(data)
-    try:
-        recorded = json.loads(ckpt.get("train_config", "{}")).get("data")
-    except (ValueError, AttributeError):
-        recorded = None
-    if not recorded:
-        raise JointsError(f"{run}: the checkpoint does not record its data; give it with --data PATH")
-    return recorded_data_path(run, recorded)
+    return checkpoint_data_path(run, ckpt, data)
 
 
 def resolve_label(label: str | int | None, names: Sequence[str]) -> int | None:
