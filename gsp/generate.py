@@ -368,7 +368,8 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
         yield (Endpoint(server.base_url, server.model, None, s.local_structured_output, identity=server.identity,
                         max_tokens=s.local_max_tokens,
                         sampling={"frequency_penalty": s.local_frequency_penalty} if s.local_frequency_penalty else {},
-                        replicas=server.replicas),
+                        replicas=server.replicas, repair_attempts=s.local_repair_attempts,
+                        passages=s.local_retrieval_k),
                server.slots, True)
 
 
@@ -512,7 +513,7 @@ class SignDescriber:
 
     async def retrieve_gloss(self, entry: VocabEntry) -> list[Any]:
         """Top-k relevant passages over the English and the native form of the gloss."""
-        k = self.plan.settings.llm.retrieval_k
+        k = self.client.endpoint.passages or self.plan.settings.llm.retrieval_k
         best: dict[str, Any] = {}
         for form in entry.query_forms():
             for hit in await self.search(form, k):
@@ -932,6 +933,10 @@ def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local
         "structured_output": client.endpoint.structured_output,
         "sampling": dict(client.endpoint.sampling),
         "servers": 1 + len(client.endpoint.replicas),
+        # what this endpoint used (the embedded model has its own, smaller budgets in the settings)
+        "passages_per_prompt": client.endpoint.passages or s.llm.retrieval_k,
+        "repair_attempts": (s.llm.repair_attempts if client.endpoint.repair_attempts is None
+                            else client.endpoint.repair_attempts),
         "prompts": {key: {"id": p.prompt_id, "sha": p.sha, "file": p.path.name, "produces": p.produces}
                     for key, p in plan.prompts.items()},
         "settings": s.public_dict(),

@@ -293,8 +293,16 @@ class LLMSettings(_Section):
         description="OpenAI frequency_penalty for the embedded model: without it SmolLM2 often loops on "
         "one phrase until local_max_tokens (on the demo vocabulary: 31 of 201 answers, 44% of the "
         "generation time, and most failed rows).")
+    local_repair_attempts: int = Field(
+        0, ge=0, description="repair_attempts for the embedded model. On the demo vocabulary SmolLM2-135M's "
+        "re-asks rescued almost nothing (one re-ask each: 0 of 21 rejected Tb answers, 0 of 7 Tg; two: one "
+        "more Tb text in 46) while being 40 % of the requests, each a full answer decoded on the CPU.")
+    local_retrieval_k: int = Field(
+        2, ge=1, description="retrieval_k for the embedded model. Its time goes mostly into reading the "
+        "prompt (about 150 tokens/s per core against 85 decoded), and dictionary passages are most of "
+        "every prompt.")
     local_max_tokens: int = Field(
-        300, ge=16,
+        200, ge=16,
         description="Answer-length cap for the embedded model: a 135M model sometimes repeats itself "
         "until max_tokens, and every such answer costs seconds on a CPU.",
     )

@@ -377,6 +377,12 @@ class CTRGCNBackbone(nn.Module):
         #: so the state_dict (and every checkpoint) is the same either way.
         self._compiled = None
 
+    @property
+    def compiled(self) -> bool:
+        """Whether forward runs the torch.compile'd function (False before compile_backbone and
+        after its fallback to eager)."""
+        return self._compiled is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None:
             try:

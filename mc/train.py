@@ -561,6 +561,8 @@ def _evaluate_and_write(state: TrainState) -> dict:
         "num_workers": cfg.num_workers,
         "world_size": ddp.world_size(),
         "amp": learner.amp,
+        # whether the backbone ran torch.compile'd (False after a fallback to eager, see compile_backbone)
+        "compiled": learner.model.backbone.compiled,
         "parameters": parameter_counts(learner.model),
         "text_bank": bank.summary() if bank is not None else None,
         "history": state.history,

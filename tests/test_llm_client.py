@@ -144,6 +144,16 @@ def test_always_invalid_output_fails_after_bounded_re_asks(srv, tmp_path):
     assert srv.request_count == 3
 
 
+def test_an_endpoints_own_repair_cap_wins_over_the_settings(srv, tmp_path):
+    """The embedded model's endpoint carries local_repair_attempts: fewer re-asks than the settings'."""
+    srv.faults = [Fault("schema_invalid", times=None)]
+    settings = LLMSettings(base_url=srv.base_url, model="fake", repair_attempts=2, timeout_s=5.0)
+    client = LLMClient(Endpoint(srv.base_url, "fake", None, "json_schema", repair_attempts=1), settings)
+    result = ask(client)
+    assert not result.ok and "invalid output after 2 answer(s)" in result.error
+    assert srv.request_count == 2
+
+
 def test_cache_makes_a_repeat_free_and_survives_reopening(srv, tmp_path):
     first = ask(make_client(srv, tmp_path))
     assert srv.request_count == 1

@@ -439,6 +439,10 @@ class Endpoint:
     #: Base URLs of further servers that answer exactly like ``base_url`` (same weights, same
     #: identity): requests go to whichever has the fewest in flight.
     replicas: tuple[str, ...] = ()
+    #: Re-asks after an invalid or rejected answer on this endpoint (None: the settings').
+    repair_attempts: int | None = None
+    #: Dictionary passages retrieved per prompt for this endpoint (None: the settings' retrieval_k).
+    passages: int | None = None
 
 
 class LLMClient:
@@ -627,7 +631,8 @@ class LLMClient:
         convo = list(messages)
         prompt_tokens = completion_tokens = 0
         key, response, error, rejected = "", None, "no attempt", False
-        answers = self.settings.repair_attempts + 1
+        repairs = self.endpoint.repair_attempts
+        answers = (self.settings.repair_attempts if repairs is None else repairs) + 1
         for attempt in range(answers):
             if attempt:
                 self.stage(stage).repairs += 1
