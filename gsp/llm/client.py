@@ -577,11 +577,12 @@ class LLMClient:
         async with self._slots:
             if self._rpm is not None:
                 await self._rpm.acquire()
-            estimate = estimate_tokens(body)
-            if self._tpm is not None:
-                await self._tpm.acquire(min(estimate, self.settings.tokens_per_minute))
-            if self.throttle is not None:
-                await self.throttle(estimate)
+            if self._tpm is not None or self.throttle is not None:  # only they need it (JSON-encodes the messages)
+                estimate = estimate_tokens(body)
+                if self._tpm is not None:
+                    await self._tpm.acquire(min(estimate, self.settings.tokens_per_minute))
+                if self.throttle is not None:
+                    await self.throttle(estimate)
             if self.breaker.is_open:  # it may have opened while this request waited for a slot
                 raise CircuitOpen(self.breaker.reason)
             usage.requests += 1
