@@ -523,6 +523,8 @@ def finish(state: TrainState) -> dict:
 def _evaluate_and_write(state: TrainState) -> dict:
     cfg, recipe, learner, run = state.cfg, state.recipe, state.learner, state.run
     epochs = recipe["epochs"]
+    # read before evaluating: a recompile for eval mode that falls back would turn the flag off
+    compiled = learner.model.backbone.compiled
     t_eval = time.perf_counter()
     scores, labels = predict_scores(learner.model, state.test_ds, batch_size=recipe["batch_size"],
                                     device=learner.device, amp=learner.amp)
@@ -561,8 +563,8 @@ def _evaluate_and_write(state: TrainState) -> dict:
         "num_workers": cfg.num_workers,
         "world_size": ddp.world_size(),
         "amp": learner.amp,
-        # whether the backbone ran torch.compile'd (False after a fallback to eager, see compile_backbone)
-        "compiled": learner.model.backbone.compiled,
+        # whether the backbone trained torch.compile'd (False after a fallback to eager, see compile_backbone)
+        "compiled": compiled,
         "parameters": parameter_counts(learner.model),
         "text_bank": bank.summary() if bank is not None else None,
         "history": state.history,

@@ -167,3 +167,30 @@ def test_flow_pieces_take_plain_data_and_share_one_session(srv, tmp_path):
     assert run.failed == 0 and run.manifest["requests"] == srv.request_count == 4 * 4
     assert run.manifest["run_id"] == plan["run_id"]
     assert sorted(read_kind(run.run_dir, "Tb")["label"]) == plan["labels"]
+
+
+def test_an_endpoints_passage_budget_limits_what_the_gloss_retrieves(srv, tmp_path, demo_index):
+    """The embedded model's endpoint carries local_retrieval_k (Endpoint.passages): P1 of every
+    sign sees at most that many passages, and the manifest records the k that was used."""
+    from gsp.generate import describe_batch, run_manifest
+    from gsp.llm.client import Endpoint, LLMClient
+
+    settings = settings_for(srv, tmp_path)
+    plan = prepare_run(DEMO_VOCAB, settings=settings, index_dir=demo_index, labels=[0, 139, 179])
+
+    def tb_sources(passages):
+        async def go():
+            client = LLMClient(Endpoint(srv.base_url, "fake", KEY, "json_schema", passages=passages), settings.llm)
+            try:
+                result = await describe_batch(plan, client, plan.entries)
+                return result, run_manifest(plan, result, client, is_local=False)
+            finally:
+                await client.aclose()
+        result, manifest = asyncio.run(go())
+        return {r["label"]: len(r["sources"]) for r in result.rows["Tb"]}, manifest["retrieval_k"]
+
+    wide, k_wide = tb_sources(None)
+    narrow, k_narrow = tb_sources(1)
+    assert (k_wide, k_narrow) == (settings.llm.retrieval_k, 1)
+    assert max(wide.values()) > 1  # the settings' k finds several passages for these signs
+    assert narrow == {label: min(n, 1) for label, n in wide.items()}

@@ -72,9 +72,9 @@ def test_missing_model_file_is_one_named_error(tmp_path):
 
 def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     monkeypatch.delenv("GSP_LLM_BASE_URL", raising=False)
-    # short answers keep the test to about a minute; the grammar keeps them schema-valid
+    # the embedded model's 200-token answers keep the test to about a minute; the grammar keeps them schema-valid
     settings = Settings(paths={"artifacts_dir": tmp_path / "artifacts"},
-                        llm={"max_tokens": 300, "local_servers": 2, "local_slots": 2})
+                        llm={"local_servers": 2, "local_slots": 2})
     run = generate_descriptions(PROJECT_ROOT / "knowledge_base" / "demo_vocab.csv", settings=settings,
                                 use_index=False, limit=2)
     m = run.manifest
