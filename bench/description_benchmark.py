@@ -12,7 +12,7 @@ and runs one experiment grid (:mod:`mc.experiment`):
     × seeds 0, 1, 2
 
 Every cell trains for about the same number of optimisation steps (``--steps``; epochs =
-ceil(steps / steps per epoch), so K=2 trains ~9× the epochs of K=all, and the LR schedule is
+ceil(steps / steps per epoch), so K=2 trains ~10× the epochs of K=all, and the LR schedule is
 stretched to the epochs). It prints the summary: top-1 and minimal-pair accuracy per kind with
 95% t intervals over seeds, the paired-seed difference to CE only, and the cosine similarity
 of the minimal pairs' Tg features in the frozen text encoder's space.
@@ -23,10 +23,11 @@ of the minimal pairs' Tg features in the frozen text encoder's space.
 Re-running with the same ``--out`` skips finished cells and resumes a killed one. Without
 ``--out`` everything goes to a temporary folder, removed at the end; nothing is written into the
 repo. Measured on one quiet core of a 2-core AMD EPYC (``--threads 1 --frames 8``): about 3 min per
-cell at 320 steps and 9 min at 1024, so the README's grid (36 cells at 320 steps, run as two
-processes ``--k 2,4`` and ``--k 8,all``) takes about an hour, and its K=all check at 1024 steps
-(9 cells) about 45 minutes as two processes. 320 steps do not converge the tiny model at K=8 and
-K=all (train top-1 about 0.5); 1024 steps at K=all reach about 0.7.
+cell at 320 steps and 9 min at 1024, so the README's grid (36 cells at 320 steps) takes about
+1¾ hours in one process, or about an hour as two (``--k 2,4`` and ``--k 8,all`` with their own
+``--out``), and its K=all check at 1024 steps (9 cells) about 80 minutes in one process.
+320 steps do not converge the tiny model at K=8 and K=all (train top-1 about 0.5); 1024 steps at
+K=all reach about 0.7.
 """
 
 from __future__ import annotations
