@@ -513,9 +513,7 @@ class SignDescriber:
 
     async def retrieve_gloss(self, entry: VocabEntry) -> list[Any]:
         """Top-k relevant passages over the English and the native form of the gloss."""
-        k = self.client.endpoint.passages
-        if k is None:
-            k = self.plan.settings.llm.retrieval_k
+        k = self.client.retrieval_k
         best: dict[str, Any] = {}
         for form in entry.query_forms():
             for hit in await self.search(form, k):
@@ -937,9 +935,8 @@ def run_manifest(plan: RunPlan, result: BatchResult, client: LLMClient, is_local
         "servers": 1 + len(client.endpoint.replicas),
         # what this endpoint used (the embedded model has its own, smaller budgets in the settings);
         # retrieval_k: passages retrieved for a sign's gloss (P3 adds those of the signs Tb refers to)
-        "retrieval_k": s.llm.retrieval_k if client.endpoint.passages is None else client.endpoint.passages,
-        "repair_attempts": (s.llm.repair_attempts if client.endpoint.repair_attempts is None
-                            else client.endpoint.repair_attempts),
+        "retrieval_k": client.retrieval_k,
+        "repair_attempts": client.repair_attempts,
         "prompts": {key: {"id": p.prompt_id, "sha": p.sha, "file": p.path.name, "produces": p.produces}
                     for key, p in plan.prompts.items()},
         "settings": s.public_dict(),

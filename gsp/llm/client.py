@@ -441,7 +441,8 @@ class Endpoint:
     replicas: tuple[str, ...] = ()
     #: Re-asks after an invalid or rejected answer on this endpoint (None: the settings').
     repair_attempts: int | None = None
-    #: Dictionary passages retrieved per prompt for this endpoint (None: the settings' retrieval_k).
+    #: Dictionary passages retrieved for a sign's gloss for this endpoint (None: the settings'
+    #: retrieval_k).
     passages: int | None = None
 
 
@@ -499,6 +500,18 @@ class LLMClient:
         s = self.settings
         return {name: {**asdict(u), "cost": u.cost(s.price_input_per_mtok, s.price_output_per_mtok)}
                 for name, u in sorted(self.usage.items())}
+
+    @property
+    def repair_attempts(self) -> int:
+        """Re-asks this client makes after an invalid or rejected answer: the endpoint's, else the settings'."""
+        own = self.endpoint.repair_attempts
+        return self.settings.repair_attempts if own is None else own
+
+    @property
+    def retrieval_k(self) -> int:
+        """Passages to retrieve for a sign's gloss for this endpoint: its own, else the settings'."""
+        own = self.endpoint.passages
+        return self.settings.retrieval_k if own is None else own
 
     async def aclose(self) -> None:
         for transport in self._transports:
@@ -632,8 +645,7 @@ class LLMClient:
         convo = list(messages)
         prompt_tokens = completion_tokens = 0
         key, response, error, rejected = "", None, "no attempt", False
-        repairs = self.endpoint.repair_attempts
-        answers = (self.settings.repair_attempts if repairs is None else repairs) + 1
+        answers = self.repair_attempts + 1
         for attempt in range(answers):
             if attempt:
                 self.stage(stage).repairs += 1
