@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import h11
 import httpx2
+import orjson
 
 USER_AGENT = "gsp-mc"
 #: How long an idle kept-alive connection is reused: servers close idle ones after a while
@@ -250,4 +251,5 @@ def _is_truncated(exc: BaseException) -> bool:
 
 
 def json_body(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON (orjson: a tenth of the stdlib's CPU, on every request sent)."""
+    return orjson.dumps(payload)
