@@ -5,6 +5,7 @@ all shards by a Prefect global rate limit."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -81,7 +82,11 @@ def test_two_workers_share_shards_and_the_rate_limit(stack_env, tmp_path):
             spans = shard_spans(env)
         finally:
             second.terminate()
-            second.wait(timeout=60)
+            try:
+                second.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # Prefect's worker can be slow to stop on a loaded machine;
+                os.killpg(second.pid, signal.SIGKILL)  # how it stops is not what this test checks
+                second.wait(timeout=30)
             run(GSP + ["down"], env, check=False)
     assert stack_processes(home) == []
 
