@@ -35,6 +35,7 @@ from gsp.generate import (  # noqa: E402
     finalize_run,
     generate_descriptions,
     generation_session,
+    long_lived_objects_frozen,
     prepare_run,
 )
 from gsp.llm.server import free_port, stop_process, wait_until_ready  # noqa: E402
@@ -88,16 +89,17 @@ def cpu_s(process: psutil.Process) -> float:
 def timed_run(config: Config, settings: Settings) -> tuple[RunResult, float, float]:
     """``generate_descriptions`` in its parts: (the run, its wall time, the wall time of its requests)."""
     t0 = time.perf_counter()
-    plan = prepare_run(config.vocab, settings=settings, use_index=False, limit=config.signs)
+    with long_lived_objects_frozen():  # as generate_descriptions does
+        plan = prepare_run(config.vocab, settings=settings, use_index=False, limit=config.signs)
 
-    async def describe_and_write() -> tuple[RunResult, float]:
-        async with generation_session(settings) as session:
-            t1 = time.perf_counter()
-            result = await describe_batch(plan, session.client, plan.entries)
-            requests_s = time.perf_counter() - t1
-            return finalize_run(plan, result, session), requests_s
+        async def describe_and_write() -> tuple[RunResult, float]:
+            async with generation_session(settings) as session:
+                t1 = time.perf_counter()
+                result = await describe_batch(plan, session.client, plan.entries)
+                requests_s = time.perf_counter() - t1
+                return finalize_run(plan, result, session), requests_s
 
-    run, requests_s = asyncio.run(describe_and_write())
+        run, requests_s = asyncio.run(describe_and_write())
     return run, time.perf_counter() - t0, requests_s
 
 

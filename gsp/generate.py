@@ -28,6 +28,7 @@ session without Prefect; the Prefect flow opens the session itself and hands its
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import re
@@ -393,10 +394,39 @@ _SESSIONS: dict[str, GenerationSession] = {}
 Throttle = Callable[[int], Awaitable[None]]
 
 
+@contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Keep what exists now (the imported libraries: 140,000 objects without Prefect, several
+    times that with it) out of the garbage collector's full passes until the block ends.
+
+    A generation session allocates steadily, so CPython's collector runs full passes during it;
+    each one walked every imported object again (70-85 ms a pass here, a stall of all 64 requests
+    in flight; bench/generate.py). ``gc.freeze`` is the stdlib's way to exempt long-lived objects;
+    on leaving, ``gc.unfreeze`` hands them back, so garbage among them is still collected later.
+    Nested and concurrent blocks (sessions in threads of one process) unfreeze when the last ends."""
+    global _frozen_depth
+    with _frozen_lock:
+        if _frozen_depth == 0:
+            gc.freeze()
+        _frozen_depth += 1
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen_depth -= 1
+            if _frozen_depth == 0:
+                gc.unfreeze()
+
+
+_frozen_lock = threading.Lock()
+_frozen_depth = 0
+
+
 @asynccontextmanager
 async def generation_session(settings: Settings, throttle: Throttle | None = None) -> AsyncIterator[GenerationSession]:
     """Response cache → endpoint (configured, after its preflight check, or the embedded server)
-    → client; everything closed again on the way out, whatever happened."""
+    → client; everything closed again on the way out, whatever happened. The session runs with
+    the objects that existed before it frozen (:func:`long_lived_objects_frozen`)."""
     cache = ResponseCache(settings.paths.cache)
     try:
         with llm_endpoint(settings) as (endpoint, concurrency, is_local):
@@ -404,7 +434,8 @@ async def generation_session(settings: Settings, throttle: Throttle | None = Non
             session = GenerationSession(id=f"gen-{secrets.token_hex(6)}", client=client, is_local=is_local)
             _SESSIONS[session.id] = session
             try:
-                yield session
+                with long_lived_objects_frozen():
+                    yield session
             finally:
                 del _SESSIONS[session.id]
                 await client.aclose()
@@ -989,9 +1020,10 @@ def generate_descriptions(vocab_path: Path | str, *, settings: Settings, index_d
                           base: Path | str | None = None) -> RunResult:
     """Describe the vocabulary's signs with P1–P4 and write one description run (no Prefect);
     ``base`` as in :func:`prepare_run`."""
-    plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_dir,
-                       labels=labels, limit=limit, run_id=run_id, retriever=retriever, base=base)
-    return asyncio.run(agenerate(plan, progress=progress))
+    with long_lived_objects_frozen():  # from the plan on: loading it is when the first full pass came
+        plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index,
+                           out_dir=out_dir, labels=labels, limit=limit, run_id=run_id, retriever=retriever, base=base)
+        return asyncio.run(agenerate(plan, progress=progress))
 
 
 # --- confusion-driven refinement (P5) --------------------------------------------------------

@@ -161,3 +161,60 @@ def test_kill_9_at_16_in_flight_loses_at_most_the_uncommitted_answers(tmp_path):
         asked_again = {r.body_hash for r in srv.records}
         assert not {f"chatcmpl-{h[:24]}" for h in asked_again} & cached_ids  # nothing committed is paid twice
         assert lost <= asked_again and len(asked_again) == 160 - len(cached_ids)
+
+
+def test_a_request_that_succeeds_at_once_leaves_no_reference_cycles(tmp_path):
+    """Garbage in cycles is what makes CPython's collector run full passes during a run (tenacity's
+    per-attempt state left about 40 objects a request); an answered request must leave none."""
+    import gc
+
+    from gsp.llm.client import Endpoint, LLMClient
+    from gsp.llm.structured import inline_schema
+    from gsp.prompts import DescriptionOut
+    from gsp.settings import LLMSettings
+
+    with FakeOpenAI() as srv:
+        client = LLMClient(Endpoint(srv.base_url, "fake", None, "json_schema"),
+                           LLMSettings(base_url=srv.base_url, model="fake", structured_output="json_schema"),
+                           ResponseCache(tmp_path / "cache"))
+
+        schema = inline_schema(DescriptionOut)  # once, as a run does (pydantic's generator leaves cycles)
+
+        async def ask(n, tag):
+            for i in range(n):
+                messages = [{"role": "user", "content": f"Sign: {tag}{i}"}]
+                result = await client.structured(messages, DescriptionOut, schema, name="t", stage="Tb")
+                assert result.ok
+            await client.aclose()
+
+        asyncio.run(ask(5, "warm"))  # warm: first-use caches, the connection pool
+        gc.collect()
+        gc.disable()
+        try:
+            asyncio.run(ask(200, "s"))
+            found = gc.collect()
+        finally:
+            gc.enable()
+    assert len(srv.records) == 205
+    assert found < 200, f"{found} objects in reference cycles after 200 requests"
+
+
+def test_a_generation_session_freezes_what_existed_before_it_and_unfreezes_after(tmp_path):
+    import gc
+
+    from gsp.generate import generation_session, long_lived_objects_frozen
+    from gsp.settings import Settings
+
+    assert gc.get_freeze_count() == 0
+    with FakeOpenAI() as srv:
+        settings = Settings(paths={"artifacts_dir": tmp_path}, llm={"base_url": srv.base_url, "model": "fake"})
+
+        async def inside():
+            async with generation_session(settings):
+                during = gc.get_freeze_count()
+                with long_lived_objects_frozen():  # nested: the outer block still owns the freeze
+                    pass
+                return during, gc.get_freeze_count()
+        during, after_nested = asyncio.run(inside())
+    assert during > 10_000 and after_nested > during // 2  # (frozen objects that die leave the count)
+    assert gc.get_freeze_count() == 0
