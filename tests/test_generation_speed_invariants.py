@@ -17,9 +17,9 @@ from fake_openai import FakeOpenAI, Fault, client_env
 from gsp.llm.cache import ResponseCache
 from gsp.llm.client import UnparseableResponse, attempt_cause, completion_fields, describe_error
 from gsp.llm.transport import (
-    H11Transport,
     HTTPStatusError,
     HttpxTransport,
+    PlainHttpTransport,
     RequestTimeout,
     TransportError,
     json_body,
@@ -27,7 +27,7 @@ from gsp.llm.transport import (
 )
 from gsp.settings import PROJECT_ROOT
 
-CARRIERS = {"h11": H11Transport, "httpx": HttpxTransport}
+CARRIERS = {"plain": PlainHttpTransport, "httpx": HttpxTransport}
 BODY = json_body({"model": "fake", "messages": [{"role": "user", "content": "Sign: hello"}]})
 
 
@@ -82,15 +82,69 @@ def test_both_carriers_fail_alike(carrier):
     assert fine.status == 200  # a dropped or timed-out connection is not reused
 
 
+
+def scripted_server(answers: list[bytes]):
+    """A loopback HTTP server that reads one request head and body per answer and writes the next
+    scripted answer as is; an answer ending in ``b"<close>"`` is sent without it, then the
+    connection is closed. Returns (base URL, connections accepted, the server task's stopper)."""
+    accepted = []
+
+    async def handle(reader, writer):
+        accepted.append(1)
+        while answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            answer = answers.pop(0)
+            closing = answer.endswith(b"<close>")
+            writer.write(answer.removesuffix(b"<close>"))
+            await writer.drain()
+            if closing:
+                break
+        writer.close()
+    return handle, accepted
+
+
+def test_the_plain_carrier_reads_chunks_informational_answers_and_close_delimited_bodies():
+    answers = [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+               b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end<close>",
+               b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"]
+    handle, accepted = scripted_server(answers)
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = PlainHttpTransport(f"http://127.0.0.1:{port}/v1", 5.0)
+        out = []
+        for _ in range(4):
+            try:
+                out.append(await transport.post(BODY, {"Authorization": "Bearer sk-t"}))
+            except HTTPStatusError as exc:
+                out.append(exc.status_code)
+        with pytest.raises(ValueError, match="line break"):
+            await transport.post(BODY, {"Authorization": "Bearer sk-t\r\nX-Injected: 1"})
+        await transport.aclose()
+        server.close()
+        return out
+    chunked, short, until_close, busy = asyncio.run(go())
+    assert (chunked.status, chunked.content) == (200, b"hello world")
+    assert short.content == b"ok"
+    assert until_close.content == b"until the end"
+    assert busy == 503
+    assert len(accepted) == 2  # kept alive through the first two answers, a new connection after the close
+
 def test_the_carrier_follows_the_scheme_and_the_proxy_settings(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(open_transport("http://127.0.0.1:9/v1", 1), H11Transport)
+    assert isinstance(open_transport("http://127.0.0.1:9/v1", 1), PlainHttpTransport)
     assert isinstance(open_transport("https://api.example.org/v1", 1), HttpxTransport)
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.org:3128")
     assert isinstance(open_transport("http://10.1.2.3:8080/v1", 1), HttpxTransport)
     monkeypatch.setenv("NO_PROXY", "10.1.2.3")
-    assert isinstance(open_transport("http://10.1.2.3:8080/v1", 1), H11Transport)
+    assert isinstance(open_transport("http://10.1.2.3:8080/v1", 1), PlainHttpTransport)
 
 
 def test_a_body_that_is_not_a_chat_completion_is_unparseable():

@@ -1,5 +1,5 @@
 """The LLM layer: :mod:`gsp.llm.client` (OpenAI-compatible client with limits, retries, circuit
-breaker and structured output), :mod:`gsp.llm.transport` (its HTTP: h11 for plain http to a
+breaker and structured output), :mod:`gsp.llm.transport` (its HTTP: httptools for plain http to a
 directly reached server, httpx2 for TLS and proxies), :mod:`gsp.llm.cache` (the response cache),
 :mod:`gsp.llm.structured` (structured-output modes, parsing, validation) and
 :mod:`gsp.llm.server` (the embedded local llama.cpp server).
