@@ -120,7 +120,27 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def rows_to_table(rows: Iterable[dict] | pd.DataFrame) -> pa.Table:
-    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    """The rows as a table of :data:`DESCRIPTION_SCHEMA`, sorted by key (:func:`sort_rows`)."""
+    if not isinstance(rows, pd.DataFrame):
+        rows = list(rows)
+        try:
+            return _plain_rows_to_table(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # values only pandas' conversion takes (NaN for None)
+            rows = pd.DataFrame(rows, columns=list(COLUMNS))
+    return _frame_to_table(rows)
+
+
+def _plain_rows_to_table(rows: list[dict]) -> pa.Table:
+    # Straight to arrow: the generator's rows are plain Python values, and the detour through a
+    # DataFrame was two thirds of writing a run (28 of 45 ms at 3,500 rows; bench/generate.py).
+    rows = sorted(rows, key=lambda r: r["key"])  # stable, as sort_rows
+    columns = {col: [r.get(col) for r in rows] for col in COLUMNS}
+    for col in ("body_parts", "sources"):  # a missing list is an empty list, as in _frame_to_table
+        columns[col] = [v if v is not None else [] for v in columns[col]]
+    return pa.Table.from_pydict(columns, schema=DESCRIPTION_SCHEMA)
+
+
+def _frame_to_table(df: pd.DataFrame) -> pa.Table:
     df = df.copy()
     for col in COLUMNS:
         if col not in df.columns:

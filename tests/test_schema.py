@@ -1,5 +1,8 @@
 """The description-artifact schema: keys, validation, atomic writes, fingerprints."""
 
+import math
+
+import pandas as pd
 import pytest
 
 from gsp.schema import (
@@ -9,6 +12,7 @@ from gsp.schema import (
     content_fingerprint,
     read_kind,
     row_key,
+    rows_to_table,
     write_kind,
 )
 
@@ -35,6 +39,20 @@ def test_write_sorts_rows_and_fills_missing_lists(tmp_path):
     assert list(df["label"]) == [1, 3]
     assert all(len(v) == 0 for v in df["sources"])
 
+
+def test_plain_rows_become_the_table_a_data_frame_becomes():
+    """Rows of plain values go straight to arrow; the result must be what the DataFrame path makes."""
+    rows = [_row(5, "Tp", 1, body_parts=["left_hand", "face"],
+                 sources=[{"chunk_id": "c1", "file": "d.pdf", "page": 3}]),
+            _row(5, "Tp", 0, text=None, status="failed", error="HTTP 500", temperature=0.2, body_parts=None),
+            _row(2, "Tp", 0, text="çay 茶", review="edited", review_note="n", original_text="o"),
+            {k: v for k, v in _row(9, "Tp").items() if k not in ("reviewer", "contrast_with")}]  # keys missing
+    plain = rows_to_table(rows)
+    assert plain.equals(rows_to_table(pd.DataFrame(rows, columns=list(COLUMNS))))
+    assert plain.column("key").to_pylist() == sorted(r["key"] for r in rows)
+    # a value only pandas' conversion takes (NaN where a text is missing) goes the DataFrame way
+    odd = [*rows[:2], {**rows[2], "text": math.nan}]
+    assert rows_to_table(odd).column("text").to_pylist()[0] is None
 
 def test_validation_names_the_bad_row(tmp_path):
     with pytest.raises(SchemaError, match="unknown body parts"):
