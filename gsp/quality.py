@@ -74,11 +74,23 @@ def _gloss_words(gloss_forms: tuple[str, ...]) -> frozenset[str]:
     return frozenset(t for form in gloss_forms for t in _echo_tokens(form))
 
 
+# A run of ASCII letters and digits between ASCII characters that are neither (or the text's ends):
+# folding lowers it and leaves it one token, whatever the rest of the text holds.
+_PLAIN_ASCII_WORD = re.compile(r"(?<![^\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f])[A-Za-z0-9]+"
+                               r"(?![^\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f])")
+
+
 def is_gloss_echo(text: str, gloss_forms: Iterable[str]) -> bool:
     """True when ``text`` says nothing but the gloss: its words are the gloss's words and words
     that only decorate it ("(English gloss)", "the sign for", a language name). Case, diacritics
     (``acikmak`` = *açıkmak*) and punctuation do not matter."""
     gloss_words = _gloss_words(tuple(gloss_forms))
+    # Exact shortcut: one plain ASCII word that is neither the gloss's nor decoration settles it
+    # without folding the whole text (the slow part for non-ASCII text: ~15 µs a text).
+    for match in _PLAIN_ASCII_WORD.finditer(text):
+        word = match.group().lower()
+        if word not in gloss_words and word not in _DECORATION:
+            return False
     words = _echo_tokens(text)
     if not gloss_words or not words:
         return False

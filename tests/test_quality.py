@@ -110,3 +110,35 @@ def test_texts_problem_names_the_text_and_which_one():
     assert texts_problem([good, good], "Ts", ["mother"]) is None
     problem = texts_problem([good, "./home.json", good], "Ts", ["home"])
     assert problem == "quality: looks like a file path: './home.json' (text 2 of 3)"
+
+
+def test_the_plain_word_shortcut_never_changes_the_echo_verdict():
+    """is_gloss_echo stops at the first plain ASCII word that is neither gloss nor decoration; on
+    random texts mixing diacritics, combining marks, Turkish i, CJK and underscores it must agree
+    with the definition: every folded word is the gloss's or decoration, and one is the gloss's."""
+    import random
+
+    from gsp import quality
+    from gsp.lexical import fold
+
+    def by_definition(text, forms):
+        gloss = {w for f in forms for w in quality._ECHO_TOKEN.findall(fold(f.replace("_", " ")))}
+        words = quality._ECHO_TOKEN.findall(fold(text.replace("_", " ")))
+        return (bool(gloss) and bool(words) and all(w in gloss or w in quality._DECORATION for w in words)
+                and any(w in gloss for w in words))
+
+    rng = random.Random(1)
+    words = ["tree", "TREE", "the", "sign", "for", "English", "gloss", "Turkish", "abla", "sister", "açıkmak",
+             "acikmak", "hungry", "饿", "情况", "CONDITION", "hand", "moves", "e\u0301", "café", "cafe", "İstanbul",
+             "ıi", "x_y", "tree2", "２", "ﬁ"]
+    seps = [" ", "", "(", ")", ":", "_", "-", "，", "（", "\u0301", "'", "’", "/"]
+    forms = [("tree",), ("sister", "abla"), ("hungry", "acikmak"), ("hungry", "饿"), ("CONDITION", "情况"),
+             ("cafe",), ("x y",)]
+    echoes = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(words) + rng.choice(seps) for _ in range(rng.randint(1, 5)))
+        form = rng.choice(forms)
+        verdict = is_gloss_echo(text, form)
+        assert verdict == by_definition(text, form), (text, form)
+        echoes += verdict
+    assert echoes > 100  # both verdicts were exercised
