@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@lru_cache(maxsize=1)
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 less the process's umask."""
+    try:  # Linux says the umask without changing it
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside ``target``; on success it replaces ``target`` atomically."""
+    """Yield a temp path beside ``target``; on success it replaces ``target`` atomically, with
+    the mode ``target`` had, or for a new file the mode a plain ``open()`` gives (``mkstemp``
+    makes its files 0600, which left every artifact unreadable to a lab's other users)."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +68,11 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        try:
+            mode = target.stat().st_mode & 0o7777
+        except OSError:
+            mode = _new_file_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:

@@ -316,3 +316,20 @@ def test_training_refused_for_bad_data_leaves_no_run_folder(tmp_path):
     out = tmp_path / "run"
     refused(gsp("train", "--data", str(labels), "--out", str(out)), str(labels))
     assert not out.exists()
+
+
+def test_atomic_artifacts_get_the_umask_mode_and_keep_a_replaced_files_mode(tmp_path):
+    """mkstemp makes 0600 files; an artifact must be as readable as any file the user writes."""
+    code = ("import os, sys; os.umask(0o027); from gsp.atomic import write_json_atomic; "
+            "write_json_atomic(sys.argv[1], {'a': 1})")
+    new = tmp_path / "new.json"
+    subprocess.run([sys.executable, "-c", code, str(new)], check=True, cwd=Path(__file__).parents[1])
+    assert new.stat().st_mode & 0o777 == 0o640
+    assert json.loads(new.read_text()) == {"a": 1}
+
+    from gsp.atomic import write_json_atomic
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    os.chmod(kept, 0o604)
+    write_json_atomic(kept, {"b": 2})
+    assert kept.stat().st_mode & 0o777 == 0o604 and json.loads(kept.read_text()) == {"b": 2}
