@@ -19,7 +19,7 @@ def _cache_and_device(device: str | None) -> tuple[Path, str]:
 
 
 def zero_shot_eval(run: Path, descriptions: Path | None, data: Path | None, split: str, out: Path | None,
-                   device: str, as_json: bool) -> None:
+                   device: str, as_json: bool, skip_bad: bool = False) -> None:
     """``gsp eval RUN --zero-shot``: evaluate, write ``metrics.json``, print JSON or a table."""
     from mc.device import resolve_device
     from mc.zeroshot import evaluate_zero_shot
@@ -27,7 +27,7 @@ def zero_shot_eval(run: Path, descriptions: Path | None, data: Path | None, spli
     cache, _ = _cache_and_device(device)
     try:
         m = evaluate_zero_shot(run, cache, descriptions=descriptions, data=data, split=split,
-                               device=resolve_device(device), out=out)
+                               device=resolve_device(device), out=out, skip_bad=skip_bad)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     if as_json:
@@ -45,6 +45,8 @@ def zero_shot_eval(run: Path, descriptions: Path | None, data: Path | None, spli
     for term, top1 in m["top1_by_term"].items():
         table.add_row(f"  {term} only", f"{top1:.3f}", "")
     Console(stderr=True).print(table)
+    if m["skipped"]:
+        typer.echo(f"skipped {len(m['skipped'])} bad clip(s); they are listed in metrics.json", err=True)
 
 
 def retrieve_cmd(

@@ -231,7 +231,7 @@ def eval_cmd(
         from cli.retrieve import zero_shot_eval
 
         return zero_shot_eval(run, descriptions=descriptions, data=data, split=split, out=out, device=device,
-                              as_json=as_json)
+                              as_json=as_json, skip_bad=skip_bad)
     try:
         metrics = evaluate_checkpoint(run, data=data, split=split, out=out, device=device, skip_bad=skip_bad)
     except (ValueError, RuntimeError, OSError) as exc:

@@ -514,6 +514,8 @@ class SkeletonDataset(Dataset):
         if not samples:
             raise ValueError("SkeletonDataset needs at least one sample")
         self.samples = list(samples)
+        #: (sample id, why) of the bad samples left out before this dataset (``skip_bad``)
+        self.skipped: list[tuple[str, str]] = list(getattr(samples, "skipped", []))
         self.layout = layout if isinstance(layout, Layout) else get_layout(layout)
         self.stream = stream
         self.frames = int(frames)

@@ -292,10 +292,12 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     return LoadedRun(run.root, ckpt, model, train_config, dict(ckpt.get("meta") or {}))
 
 
-def clip_dataset(run: LoadedRun, data: Path | None, split: str, classes: Iterable[int] | None = None):
+def clip_dataset(run: LoadedRun, data: Path | None, split: str, classes: Iterable[int] | None = None,
+                 skip_bad: bool = False):
     """(the run's test-time dataset of ``split`` — only ``classes``' clips when given —, the data path);
-    ``data`` None: the data the run was trained on."""
-    from mc.data import SkeletonDataset, load_samples
+    ``data`` None: the data the run was trained on. ``skip_bad``: bad clips are left out (listed in
+    the dataset's ``samples.skipped``) instead of failing."""
+    from mc.data import Samples, SkeletonDataset, load_samples
     from mc.keypoints import DEFAULT_KEYPOINT_SET, get_layout
 
     if data is None:
@@ -303,10 +305,10 @@ def clip_dataset(run: LoadedRun, data: Path | None, split: str, classes: Iterabl
         if not recorded:
             raise ZeroShotError(f"{run.root}: no --data given and the checkpoint does not record one")
         data = recorded_data_path(run.root, recorded)
-    samples = load_samples(Path(data), split=split, num_classes=run.model.cfg.num_classes)
+    samples = load_samples(Path(data), split=split, num_classes=run.model.cfg.num_classes, skip_bad=skip_bad)
     if classes is not None:
         keep = {int(c) for c in classes}
-        samples = [s for s in samples if int(s.label) in keep]
+        samples = Samples([s for s in samples if int(s.label) in keep], samples.skipped)
         if not samples:
             raise ZeroShotError(f"{data}: split {split!r} has no clips of the held-out classes "
                                 f"{', '.join(map(str, sorted(keep)))}")
@@ -345,17 +347,19 @@ def held_out_texts(run: LoadedRun, descriptions: Path, cache_root: Path) -> tupl
 
 def evaluate_zero_shot(run_dir: Path | str, cache_root: Path | str, descriptions: Path | None = None,
                        data: Path | None = None, split: str = "test", device: str | torch.device = "cpu",
-                       batch_size: int = 64, out: Path | None = None, write: bool = True) -> dict:
+                       batch_size: int = 64, out: Path | None = None, write: bool = True,
+                       skip_bad: bool = False) -> dict:
     """Zero-shot top-1/top-5 of a run's held-out classes on ``split`` (module docstring), with
     chance, the shuffled-description control and each term's own top-1; written as
-    ``metrics.json`` into ``out`` (default ``RUN/zeroshot-<split>``) unless ``write`` is False."""
+    ``metrics.json`` into ``out`` (default ``RUN/zeroshot-<split>``) unless ``write`` is False.
+    ``skip_bad``: bad clips are left out and listed under ``skipped`` instead of failing."""
     run = load_run(run_dir)
     if not run.holdout:
         raise ZeroShotError(f"{run.root}: the run held out no classes (train with --holdout-classes or "
                             "--holdout-fraction to evaluate zero-shot)")
     desc = _description_run(run, descriptions)
     texts, desc_dir = held_out_texts(run, desc, Path(cache_root))
-    dataset, data_path = clip_dataset(run, data, split, run.holdout)
+    dataset, data_path = clip_dataset(run, data, split, run.holdout, skip_bad=skip_bad)
     clips = embed_clips(run.model, dataset, batch_size, device)
     target = _candidate_index(clips.labels, texts.labels)
     cosines = term_cosines(clips, texts)
@@ -378,6 +382,7 @@ def evaluate_zero_shot(run_dir: Path | str, cache_root: Path | str, descriptions
         "num_samples": int(len(target)), "split": split, "data": str(data_path),
         "descriptions": str(Path(desc_dir).resolve()),
         "candidates": "held-out classes only", "checkpoint_epoch": int(run.ckpt["epoch"]),
+        "skipped": [list(s) for s in dataset.skipped],
     }
     if write:
         folder = claim_eval_folder(Path(out) if out is not None else run.root / f"zeroshot-{split}")

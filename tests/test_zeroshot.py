@@ -182,6 +182,23 @@ def test_zero_shot_refusals(world, shared_cache, tmp_path):
     one_line_error(gsp("retrieve", "the right hand moves up", "--run", ce), "CE-only")
 
 
+def test_zero_shot_eval_names_a_bad_clip_and_skip_bad_leaves_it_out(world, shared_cache, tmp_path):
+    import pickle
+
+    data = pickle.loads(world["data"].read_bytes())
+    bad = next(a for a in data["annotations"] if a["frame_dir"] == "c02_s06")  # a held-out test clip
+    bad["keypoint"][0, 3, 7, 0] = np.nan
+    broken = tmp_path / "broken.pkl"
+    broken.write_bytes(pickle.dumps(data))
+    one_line_error(gsp("eval", world["run"], "--zero-shot", "--data", broken, "--out", tmp_path / "e1"),
+                   "c02_s06", "--skip-bad")
+    result = gsp("eval", world["run"], "--zero-shot", "--data", broken, "--skip-bad", "--json",
+                 "--out", tmp_path / "e2")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["num_samples"] == 8 and [sid for sid, _ in m["skipped"]] == ["c02_s06"]
+    assert "non-finite" in m["skipped"][0][1]
+
 def test_retrieval_ranks_clips_by_cosine(world, shared_cache):
     hits = retrieve(world["run"], None, "The right hand moves straight towards the up.", k=4)
     assert len(hits) == 4 and [h["rank"] for h in hits] == [1, 2, 3, 4]
