@@ -77,10 +77,14 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the package version and exit."),
 ) -> None:
-    from gsp.settings import get_settings
+    import os
+
+    from gsp.settings import get_settings, unknown_env_names
 
     if ctx.resilient_parsing or ctx.meta.get(HELP_REQUESTED):  # completion and help need no settings
         return
+    for line in unknown_env_names(os.environ):
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
     # Reading the settings here first turns a bad config into one line (a SettingsError, caught
     # by _Group.invoke) before any work starts.
     check_named_settings(get_settings())

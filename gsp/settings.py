@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -346,6 +347,19 @@ class MCSettings(_Section):
 SECTIONS: dict[str, type[_Section]] = {
     cls.section: cls for cls in (PathSettings, KnowledgeBaseSettings, LLMSettings, MCSettings)
 }
+
+
+#: ``GSP_`` variables that are read by name and are not settings of a section.
+OTHER_ENV_NAMES = frozenset({CONFIG_ENV})
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``GSP_*`` variable in ``environ`` that names no setting, with the closest valid
+    name: the settings ignore such a variable, so a misspelt ``GSP_LLM_CONCURENCY`` would
+    otherwise leave the default in force without a word."""
+    known = {cls.env_name(f) for cls in SECTIONS.values() for f in cls.model_fields} | OTHER_ENV_NAMES
+    return [f"{name} is not a gsp setting and is ignored{did_you_mean(name.upper(), known)}"
+            for name in sorted(environ) if name.upper().startswith("GSP_") and name.upper() not in known]
 
 
 class Settings:

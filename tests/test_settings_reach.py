@@ -111,3 +111,20 @@ def test_gsp_run_honours_the_settings(tmp_path):
     assert len(metrics_files) == 1
     m = assert_settings_recorded(metrics_files[0])
     assert m["epochs"] == 1 and m["contrastive"] is True
+
+
+def test_a_misspelt_gsp_variable_is_named_with_the_setting_it_resembles(monkeypatch, tmp_path):
+    """The settings ignore unknown GSP_ variables; the CLI says so, one line each, and runs on."""
+    monkeypatch.setenv("GSP_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("GSP_LLM_CONCURENCY", "3")
+    monkeypatch.setenv("GSP_MC_EPOCS", "2")
+    monkeypatch.setenv("GSP_LLM_CONCURRENCY", "5")  # spelt right: no word about it
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["diff", str(tmp_path / "missing-a"), str(tmp_path / "missing-b")])
+    get_settings.cache_clear()
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: GSP_LLM_CONCURENCY is not a gsp setting and is ignored (did you mean 'GSP_LLM_CONCURRENCY'?)",
+        "warning: GSP_MC_EPOCS is not a gsp setting and is ignored (did you mean 'GSP_MC_EPOCHS'?)",
+    ]
+    assert result.exit_code == 2 and "missing-a" in result.stderr  # the command itself still ran
