@@ -411,6 +411,33 @@ def _writer(cfg: TrainConfig, run: RunFolder, start_epoch: int):
     return writer
 
 
+#: Settings a resumed session may change: where and how fast it runs, and how long (more epochs
+#: continue the schedule). Everything else decides what the run computes.
+RESUMABLE_CHANGES = frozenset({"out", "resume", "progress", "device", "amp", "num_workers", "threads", "compile",
+                               "text_cache", "skip_bad", "epochs"})
+
+
+def resume_conflicts(before: TrainConfig, now: TrainConfig) -> list[str]:
+    """``name: before → now`` for each setting that differs between the session that wrote a
+    checkpoint and this one, other than :data:`RESUMABLE_CHANGES`. Recipe fields are compared by
+    their effective values (``--frames 64`` on a 64-frame preset changes nothing); paths resolved."""
+    def effective(cfg: TrainConfig) -> dict:
+        values = {**cfg.model_dump(mode="json"), **{f"recipe.{k}": v for k, v in cfg.recipe().items()}}
+        for key in ("data", "descriptions"):
+            values[key] = str(Path(values[key]).resolve()) if values[key] else None
+        return {k: v for k, v in values.items()
+                if k.removeprefix("recipe.") not in RESUMABLE_CHANGES and k not in _RECIPE_OVERRIDES}
+
+    a, b = effective(before), effective(now)
+    return [f"{k.removeprefix('recipe.')}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+#: TrainConfig fields that override the preset's recipe: compared as ``recipe.<name>`` instead.
+_RECIPE_OVERRIDES = frozenset({"batch_size", "lr", "weight_decay", "base_channels", "frames", "warmup_epochs",
+                               "milestones", "epochs", "preset"})
+
+
 def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: ModelConfig) -> tuple[int, list, float]:
     """(start epoch, history, seconds) from the run's checkpoint, loaded into ``learner``; a fresh start without one."""
     if not (cfg.resume and run.checkpoint.is_file()):
@@ -422,6 +449,16 @@ def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: Model
     if ckpt.get("model_config") != model_cfg.to_dict():
         raise RuntimeError(f"{run.checkpoint}: checkpoint was made for a different model/data; "
                            "use another --out or delete it")
+    try:
+        before = TrainConfig.model_validate(json.loads(ckpt["train_config"]))
+    except (KeyError, TypeError, ValueError):  # a checkpoint from a version with other settings: model check only
+        before = None
+    if before is not None:
+        conflicts = resume_conflicts(before, cfg)
+        if conflicts:
+            raise EvaluationError(f"{run.checkpoint}: this session changes what the run computes "
+                                  f"({'; '.join(conflicts)}); resume with the settings it was started with, "
+                                  "or use --no-resume or another --out")
     learner.model.load_state_dict(ckpt["model"])
     learner.optimizer.load_state_dict(ckpt["optimizer"])
     learner.scaler.load_state_dict(ckpt["scaler"])

@@ -266,6 +266,18 @@ def test_train_resumes_in_its_own_run_folder(tmp_path, tiny_data):
     assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["resumed_from_epoch"] == 2
 
 
+def test_resume_refuses_settings_that_change_what_the_run_computes(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    assert _train(tiny_data, out, 1).exit_code == 0
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    changed = gsp("train", "--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--epochs", "2",
+                  "--frames", "16", "--seed", "3", "--batch-size", "4", "--base-channels", "4", "--threads", "1",
+                  "--no-progress")
+    line = refused(changed, str(out / "checkpoints" / "last.pt"))
+    assert "frames: 8 → 16" in line and "seed: 0 → 3" in line and "--no-resume" in line
+    assert "batch_size" not in line and "epochs" not in line  # same or resumable: not named
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before  # the run is untouched
+
 def test_eval_and_ensemble_refuse_a_foreign_out_folder(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert _train(tiny_data, run, 1).exit_code == 0
