@@ -21,7 +21,7 @@ from gsp.atomic import check_replaceable, sha256_file, write_bytes_atomic, write
 from gsp.errors import GspError, did_you_mean
 from gsp.schema import DECISIONS, KINDS, REVIEW_FILE, read_review, read_run, resolve_run_dir
 
-EXPORT_COLUMNS = ("key", "label", "gloss", "kind", "body_parts", "text", "review",
+EXPORT_COLUMNS = ("key", "label", "gloss", "kind", "body_parts", "text", "contrast_with", "review",
                   "decision", "edited_text", "reviewer", "note")
 #: What `apply` needs of a file; the other columns are there for the reader and are ignored.
 REQUIRED_COLUMNS = ("key", "decision", "edited_text", "reviewer", "note")
@@ -85,6 +85,7 @@ def export_review(run: Path | str, out: Path | str, force: bool = False) -> tupl
         parts = ", ".join(r["body_parts"]) if r["kind"] == "Tp" and r["body_parts"] is not None else ""
         d = earlier.get(r["key"], {})
         writer.writerow([r["key"], int(r["label"]), inert_cell(r["gloss"]), r["kind"], parts, inert_cell(r["text"]),
+                         inert_cell(r.get("contrast_with")),  # a P5 text: the sign it must be told apart from
                          r.get("review") or "",
                          *(d.get(f) or "" for f in FIELDS)])
     # The BOM makes Excel read the file as UTF-8 (Turkish and Chinese glosses intact).

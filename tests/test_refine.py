@@ -179,6 +179,12 @@ def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, t
     changes = json.loads(diff.stdout)["changes"]
     assert {c["key"] for c in changes} == refined
     assert {c["change"] for c in changes if c["kind"] == "Tg"} == {"changed"}
+    # the review sheet says which sign each refined text must be told apart from
+    sheet = tmp_path / "review.csv"
+    assert gsp(env, "review", "export", new_run, "-o", sheet).exit_code == 0
+    lines = list(csv.DictReader(io.StringIO(sheet.read_text(encoding="utf-8-sig"))))
+    assert {r["key"]: r["contrast_with"] for r in lines if r["contrast_with"]} == {
+        k: after[k]["contrast_with"] for k in refined if after[k]["status"] == "ok"}
 
     # a plain re-run into the folder (its base: the refined run) keeps the refinement, with no request
     srv.reset()

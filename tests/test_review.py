@@ -69,13 +69,15 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: s
     return path
 
 
-HEADER = ["key", "label", "gloss", "kind", "body_parts", "text", "review", "decision", "edited_text", "reviewer",
-          "note"]
+HEADER = ["key", "label", "gloss", "kind", "body_parts", "text", "contrast_with", "review", "decision",
+          "edited_text", "reviewer", "note"]
+#: The columns of a sheet exported before contrast_with existed: such a sheet still applies.
+HEADER_BEFORE_P5 = [c for c in HEADER if c != "contrast_with"]
 
 
 def test_every_review_file_error_names_its_line_and_nothing_is_stored(run_a, tmp_path):
     _, run = run_a
-    bad = write_csv(tmp_path / "bad.csv", HEADER, [
+    bad = write_csv(tmp_path / "bad.csv", HEADER_BEFORE_P5, [
         ["000000:Tb:00", "0", "abla", "Tb", "", "x", "", "approve", "", "ana", ""],      # line 2: fine
         ["000099:Tb:00", "99", "?", "Tb", "", "x", "", "approve", "", "ana", ""],        # 3: unknown key
         ["000000:Tg:00", "0", "abla", "Tg", "", "x", "", "aprove", "", "ana", ""],       # 4: bad decision
@@ -98,7 +100,7 @@ def test_every_review_file_error_names_its_line_and_nothing_is_stored(run_a, tmp
     assert "Traceback" not in result.output and not (run / REVIEW_FILE).exists()
 
     # a multi-line note moves the line numbers of what follows: the error names the line it starts on
-    multi = write_csv(tmp_path / "multi.csv", HEADER, [
+    multi = write_csv(tmp_path / "multi.csv", HEADER_BEFORE_P5, [
         ["000000:Tb:00", "0", "abla", "Tb", "", "x", "", "reject", "", "ana", "first line\nsecond line"],
         ["000000:Tx:00", "0", "abla", "Tb", "", "x", "", "approve", "", "ana", ""],
     ])
@@ -119,12 +121,12 @@ def test_every_review_file_error_names_its_line_and_nothing_is_stored(run_a, tmp
     assert not (run / REVIEW_FILE).exists()
 
     # a sheet saved with ';' (many locales) is read, and applying again says what changed
-    good = write_csv(tmp_path / "good.csv", HEADER, [["000000:Tb:00", "0", "abla", "Tb", "", "x", "", "approve",
-                                                      "", "ana", ""]], delimiter=";")
+    good = write_csv(tmp_path / "good.csv", HEADER_BEFORE_P5,
+                     [["000000:Tb:00", "0", "abla", "Tb", "", "x", "", "approve", "", "ana", ""]], delimiter=";")
     first = review("apply", run, good)
     assert first.exit_code == 0, first.output
     assert "1 approved, 0 edited, 0 rejected" in first.stdout and "replaced" not in first.stdout
-    again = write_csv(tmp_path / "again.csv", HEADER, [
+    again = write_csv(tmp_path / "again.csv", HEADER_BEFORE_P5, [
         ["000000:Tb:00", "0", "abla", "Tb", "", "x", "", "reject", "", "ana", "wrong"],
         ["000001:Tb:00", "1", "acele", "Tb", "", "x", "", "approve", "", "ana", ""]])
     second = review("apply", run, again)
@@ -275,7 +277,7 @@ def test_rejected_synonym_and_part_are_asked_again_and_approved_parts_keep_their
     rows = [["000002:Ts:01", "", "", "", "", "", "", "reject", "", "", "adds a head nod"],
             [tp2[0], "", "", "", "", "", "", "reject", "", "", ""]]
     rows += [[k, "", "", "", "", "", "", "approve", "", "", ""] for k in tp2[1:]]
-    assert review("apply", run, write_csv(tmp_path / "r.csv", HEADER, rows)).exit_code == 0
+    assert review("apply", run, write_csv(tmp_path / "r.csv", HEADER_BEFORE_P5, rows)).exit_code == 0
     srv.reset()
     after = rows_by_key(generate(env, tmp_path / "descriptions"))
     assert requests_by_sign_and_kind(srv) == [("hungry (Turkish gloss: acikmak)", "Tp"),
@@ -302,8 +304,8 @@ def test_a_run_from_before_review_is_read_exported_and_reviewed(run_a, tmp_path)
         table = pq.read_table(run / f"{kind}.parquet")
         pq.write_table(table.drop_columns(list(REVIEW_COLUMNS)), run / f"{kind}.parquet")
     assert review("export", run, "-o", tmp_path / "old.csv").exit_code == 0
-    sheet = write_csv(tmp_path / "r.csv", HEADER, [["000000:Tg:00", "", "", "", "", "", "", "edit", "new text here",
-                                                    "", ""]])
+    sheet = write_csv(tmp_path / "r.csv", HEADER_BEFORE_P5,
+                      [["000000:Tg:00", "", "", "", "", "", "", "edit", "new text here", "", ""]])
     assert review("apply", run, sheet).exit_code == 0
     tg = read_reviewed_run(run)["Tg"].set_index("key")
     assert tg.loc["000000:Tg:00", "text"] == "new text here" and tg.loc["000000:Tg:00", "review"] == "edited"
