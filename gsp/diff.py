@@ -196,6 +196,7 @@ class RowState:
     text: str | None = None
     body_parts: tuple[str, ...] = ()
     error: str | None = None
+    contrast_with: str | None = None  # a refined (P5) text: the sign it must be told apart from
 
 
 def _parts(value) -> tuple[str, ...]:
@@ -210,7 +211,8 @@ def row_states(df: pd.DataFrame) -> dict[str, tuple[RowState, dict]]:
     for r in df.to_dict("records"):
         failed = r["status"] == STATUS_FAILED
         state = RowState(FAILED if failed else OK, None if failed else (r["text"] or ""),
-                         _parts(r["body_parts"]), r.get("error") if failed else None)
+                         _parts(r["body_parts"]), r.get("error") if failed else None,
+                         None if failed else r.get("contrast_with"))
         out[r["key"]] = (state, {"label": int(r["label"]), "gloss": r["gloss"] or "", "lang": r.get("lang") or ""})
     return out
 
@@ -251,7 +253,8 @@ class RowChange:
         return {"key": self.key, "label": self.label, "gloss": self.gloss, "kind": self.kind,
                 "change": self.change, "old": self.old.text, "new": self.new.text,
                 "old_body_parts": list(self.old.body_parts), "new_body_parts": list(self.new.body_parts),
-                "old_status": self.old.status, "new_status": self.new.status}
+                "old_status": self.old.status, "new_status": self.new.status,
+                "old_contrast_with": self.old.contrast_with, "new_contrast_with": self.new.contrast_with}
 
 
 def diff_kind(kind: str, old_df: pd.DataFrame, new_df: pd.DataFrame) -> list[RowChange]:

@@ -51,6 +51,7 @@ article.changed { border-left-color: var(--chg); }
 .badge.added { background: var(--add); } .badge.removed { background: var(--del); }
 .badge.changed { background: var(--chg); }
 .parts { color: var(--muted); font-size: .9em; }
+.contrast { color: var(--muted); font-size: .9em; margin: .2em 0 0; }
 .texts { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; margin-top: 6px; }
 @media (max-width: 760px) { .texts { grid-template-columns: 1fr; } }
 .side { min-width: 0; }
@@ -126,7 +127,10 @@ def side_html(state: RowState, segments: list[Segment], lang: str) -> Markup:
             if state.status == FAILED else "not in this run"
         return Markup('<p class="text none">{}</p>').format(why)
     attr = Markup(' lang="{}"').format(lang) if lang else Markup("")
-    return Markup('<p class="text"{}>{}</p>').format(attr, segments_html(segments))
+    text = Markup('<p class="text"{}>{}</p>').format(attr, segments_html(segments))
+    if state.contrast_with:
+        text += Markup('<p class="contrast">rewritten to be told apart from {}</p>').format(state.contrast_with)
+    return text
 
 
 def parts_html(r: RowChange) -> Markup:

@@ -113,7 +113,8 @@ def test_json_has_the_documented_shape(runs):
     added = next(c for c in out["changes"] if c["change"] == "added")
     assert added == {"key": "000004:Tg:00", "label": 4, "gloss": "THANKS", "kind": "Tg", "change": "added",
                      "old": None, "new": HOSTILE, "old_body_parts": [], "new_body_parts": [],
-                     "old_status": "absent", "new_status": "ok"}
+                     "old_status": "absent", "new_status": "ok", "old_contrast_with": None,
+                     "new_contrast_with": None}
     parts = next(c for c in out["changes"] if c["key"] == "000000:Tp:00")
     assert parts["old"] == parts["new"] and parts["old_body_parts"] == ["right_hand"]
     assert parts["new_body_parts"] == ["right_hand", "face"]

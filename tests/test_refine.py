@@ -174,11 +174,16 @@ def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, t
     assert manifest["requests"] == 8 and manifest["cached_responses"] == 0
     assert manifest["prompts"]["P5"]["id"] == "P5.v1" and "refined 4 sign(s)" in proc.stdout
 
-    diff = gsp(env, "diff", base_run, new_run, "--json")
+    page = tmp_path / "diff.html"
+    diff = gsp(env, "diff", base_run, new_run, "--json", "--html", page)
     assert diff.exit_code == 0, diff.output
     changes = json.loads(diff.stdout)["changes"]
     assert {c["key"] for c in changes} == refined
     assert {c["change"] for c in changes if c["kind"] == "Tg"} == {"changed"}
+    assert {c["key"]: (c["old_contrast_with"], c["new_contrast_with"]) for c in changes if c["kind"] == "Tg"} == {
+        f"{sign:06d}:Tg:00": (None, f"{other}:{entries[other].gloss}") for sign, other in REFINED.items()}
+    html = page.read_text(encoding="utf-8")
+    assert all(f"rewritten to be told apart from {other}:{entries[other].gloss}" in html for other in REFINED.values())
     # the review sheet says which sign each refined text must be told apart from
     sheet = tmp_path / "review.csv"
     assert gsp(env, "review", "export", new_run, "-o", sheet).exit_code == 0
