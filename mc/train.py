@@ -45,6 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gsp.atomic import atomic_path, write_json_atomic
+from gsp.errors import GspError
+from gsp.schema import content_fingerprint, resolve_run_dir
 from mc import ddp
 from mc.data import Samples, SkeletonDataset, load_splits
 from mc.device import amp_dtype, amp_enabled, configure_determinism, resolve_device, seed_everything
@@ -301,6 +303,7 @@ class TrainState:
     seconds: float = 0.0  # training seconds over all sessions (from the checkpoint on resume)
     samples_seen: int = 0  # this session only, for samples/s
     train_time: float = 0.0  # this session only
+    descriptions_fingerprint: str | None = None  # what the texts said at setup (checked on resume)
 
 
 def setup(config: TrainConfig | dict) -> TrainState:
@@ -356,7 +359,7 @@ def setup(config: TrainConfig | dict) -> TrainState:
     return TrainState(cfg=cfg, recipe=recipe, run=run, layout=layout, train_ds=train_ds, test_ds=test_ds,
                       skipped=skipped, num_classes=num_classes, learner=learner, model_cfg=model_cfg, meta=meta,
                       writer=_writer(cfg, run, start_epoch), start_epoch=start_epoch, history=history,
-                      seconds=seconds)
+                      seconds=seconds, descriptions_fingerprint=descriptions_fingerprint(cfg.descriptions))
 
 
 def _claim(out: Path) -> RunFolder:
@@ -417,20 +420,37 @@ RESUMABLE_CHANGES = frozenset({"out", "resume", "progress", "device", "amp", "nu
                                "text_cache", "skip_bad", "epochs"})
 
 
-def resume_conflicts(before: TrainConfig, now: TrainConfig) -> list[str]:
+def resume_conflicts(before: TrainConfig, now: TrainConfig, before_texts: str | None = None) -> list[str]:
     """``name: before → now`` for each setting that differs between the session that wrote a
     checkpoint and this one, other than :data:`RESUMABLE_CHANGES`. Recipe fields are compared by
-    their effective values (``--frames 64`` on a 64-frame preset changes nothing); paths resolved."""
-    def effective(cfg: TrainConfig) -> dict:
+    their effective values (``--frames 64`` on a 64-frame preset changes nothing), the data by its
+    resolved path, the descriptions by what they say (``before_texts``: the fingerprint the
+    checkpoint recorded; else the earlier run's, read now)."""
+    def effective(cfg: TrainConfig, texts: str | None = None) -> dict:
         values = {**cfg.model_dump(mode="json"), **{f"recipe.{k}": v for k, v in cfg.recipe().items()}}
-        for key in ("data", "descriptions"):
-            values[key] = str(Path(values[key]).resolve()) if values[key] else None
+        values["data"] = str(Path(values["data"]).resolve())
+        # the texts, not the folder: a re-run that wrote the same descriptions anew resumes
+        values["descriptions"] = texts or descriptions_fingerprint(cfg.descriptions)
         return {k: v for k, v in values.items()
                 if k.removeprefix("recipe.") not in RESUMABLE_CHANGES and k not in _RECIPE_OVERRIDES}
 
-    a, b = effective(before), effective(now)
+    a, b = effective(before, before_texts), effective(now)
     return [f"{k.removeprefix('recipe.')}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k)]
+            if a.get(k) != b.get(k) and not (k == "descriptions" and UNKNOWN in (a[k], b[k]))]
+
+
+#: What :func:`descriptions_fingerprint` says of a description run that can no longer be read.
+UNKNOWN = "unknown (the run is gone)"
+
+
+def descriptions_fingerprint(descriptions: Path | None) -> str | None:
+    """``texts <hash>`` of what a description run says (``gsp.schema.content_fingerprint``)."""
+    if descriptions is None:
+        return None
+    try:
+        return f"texts {content_fingerprint(resolve_run_dir(Path(descriptions)))[:12]}"
+    except (GspError, OSError):
+        return UNKNOWN
 
 
 #: TrainConfig fields that override the preset's recipe: compared as ``recipe.<name>`` instead.
@@ -454,7 +474,7 @@ def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: Model
     except (KeyError, TypeError, ValueError):  # a checkpoint from a version with other settings: model check only
         before = None
     if before is not None:
-        conflicts = resume_conflicts(before, cfg)
+        conflicts = resume_conflicts(before, cfg, ckpt.get("descriptions_fingerprint"))
         if conflicts:
             raise EvaluationError(f"{run.checkpoint}: this session changes what the run computes "
                                   f"({'; '.join(conflicts)}); resume with the settings it was started with, "
@@ -538,6 +558,7 @@ def _save_checkpoint(state: TrainState, epoch: int) -> None:
         "seconds": state.seconds,
         "model_config": state.model_cfg.to_dict(),
         "train_config": json.dumps(state.cfg.model_dump(mode="json")),
+        "descriptions_fingerprint": state.descriptions_fingerprint,
         "meta": state.meta,
     }
     with atomic_path(state.run.checkpoint, suffix=".pt") as tmp:

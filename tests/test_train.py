@@ -137,3 +137,27 @@ def test_mc_flow_trains_streams_ensembles_and_publishes(tmp_path, toy_data):
         assert m["stream"] == stream and m["contrastive"] is True
     fused = json.loads((tmp_path / "runs" / "ensemble" / "metrics.json").read_text())
     assert fused["weights"] == [1.0, 0.5]
+
+
+def test_resume_compares_descriptions_by_what_they_say_not_by_folder(tmp_path):
+    """`gsp run` writes a fully cached re-run as a new description folder: the same texts resume;
+    other texts, or another frame count, are named as changes."""
+    from gsp.schema import read_kind, write_kind
+    from mc.train import resume_conflicts
+
+    first, again, other = (toy_descriptions(tmp_path / name, num_classes=3) for name in ("a", "b", "c"))
+    tg = read_kind(other, "Tg").to_dict("records")
+    tg[0]["text"] = "the left hand circles instead"
+    write_kind(other, "Tg", tg)
+
+    def cfg(descriptions, **extra):
+        return TrainConfig(data=tmp_path / "data.pkl", out=tmp_path / "run", descriptions=descriptions,
+                           text_cache=tmp_path / "cache", **extra)
+
+    assert resume_conflicts(cfg(first), cfg(again, epochs=9, threads=1, device="cpu")) == []
+    [changed] = resume_conflicts(cfg(first), cfg(other))
+    assert changed.startswith("descriptions: 'texts ") and changed != "descriptions: 'texts '"
+    tiny_frames = RECIPES["tiny"].frames
+    assert resume_conflicts(cfg(first), cfg(again, frames=tiny_frames)) == []  # the preset's own value
+    assert resume_conflicts(cfg(first), cfg(again, frames=tiny_frames + 4)) == [
+        f"frames: {tiny_frames} → {tiny_frames + 4}"]
