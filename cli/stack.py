@@ -118,6 +118,9 @@ def down_cmd(grace: float = typer.Option(10.0, "--grace", min=0,
         console.print("its processes were already gone; forgot the stack")
     for name in result["crashed_runs"]:
         console.print(f"flow run {name} was running: marked Crashed")
+    if result.get("runs_unmarked"):
+        console.print("[yellow]the server did not answer, so the runs of the stopped workers were not marked "
+                      "Crashed; if one still reads Running, set it Crashed in the UI to free its slot[/yellow]")
     for name, slots in result.get("held_slots", {}).items():
         console.print(f"[yellow]deployment {name} still holds {slots} concurrency slot(s): its next runs wait until "
                       "they are released (prefect gcl ls)[/yellow]")
