@@ -10,6 +10,7 @@ files, the trainer and the review tools read them; both import this module.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
@@ -125,7 +126,7 @@ def rows_to_table(rows: Iterable[dict] | pd.DataFrame) -> pa.Table:
         rows = list(rows)
         try:
             return _plain_rows_to_table(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # values only pandas' conversion takes (NaN for None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError):  # values only pandas takes (NaN, no key)
             rows = pd.DataFrame(rows, columns=list(COLUMNS))
     return _frame_to_table(rows)
 
@@ -137,7 +138,12 @@ def _plain_rows_to_table(rows: list[dict]) -> pa.Table:
     columns = {col: [r.get(col) for r in rows] for col in COLUMNS}
     for col in ("body_parts", "sources"):  # a missing list is an empty list, as in _frame_to_table
         columns[col] = [v if v is not None else [] for v in columns[col]]
+    for col in _FLOAT_COLUMNS:  # NaN is pandas' None: null, as in _frame_to_table
+        columns[col] = [None if isinstance(v, float) and math.isnan(v) else v for v in columns[col]]
     return pa.Table.from_pydict(columns, schema=DESCRIPTION_SCHEMA)
+
+
+_FLOAT_COLUMNS = tuple(f.name for f in DESCRIPTION_SCHEMA if pa.types.is_floating(f.type))
 
 
 def _frame_to_table(df: pd.DataFrame) -> pa.Table:

@@ -426,11 +426,17 @@ def resume_conflicts(before: TrainConfig, now: TrainConfig, before_texts: str | 
     their effective values (``--frames 64`` on a 64-frame preset changes nothing), the data by its
     resolved path, the descriptions by what they say (``before_texts``: the fingerprint the
     checkpoint recorded; else the earlier run's, read now)."""
+    texts_matter = before.uses_contrastive or now.uses_contrastive  # a CE-only run reads no text
+
     def effective(cfg: TrainConfig, texts: str | None = None) -> dict:
         values = {**cfg.model_dump(mode="json"), **{f"recipe.{k}": v for k, v in cfg.recipe().items()}}
-        values["data"] = str(Path(values["data"]).resolve())
+        data = Path(values["data"])
+        # a relative path recorded from another folder is compared by its name
+        values["data"] = str(data.resolve()) if data.is_absolute() or data.exists() else data.name
         # the texts, not the folder: a re-run that wrote the same descriptions anew resumes
-        values["descriptions"] = texts or descriptions_fingerprint(cfg.descriptions)
+        values["descriptions"] = (texts or descriptions_fingerprint(cfg.descriptions)) if texts_matter else None
+        values["text_encoder"] = {k: v for k, v in values["text_encoder"].items() if k != "batch_size"} \
+            if texts_matter else None  # its batch size is speed, not what it computes
         return {k: v for k, v in values.items()
                 if k.removeprefix("recipe.") not in RESUMABLE_CHANGES and k not in _RECIPE_OVERRIDES}
 

@@ -136,6 +136,32 @@ def test_the_plain_carrier_reads_chunks_informational_answers_and_close_delimite
     assert busy == 503
     assert len(accepted) == 2  # kept alive through the first two answers, a new connection after the close
 
+def test_the_plain_carrier_names_cut_answers_and_drops_a_connection_that_says_too_much():
+    answers = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhel<close>",   # cut mid-chunk
+               b"HTTP/1.1 100 Continue\r\n\r\n<close>",                                      # no final answer
+               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"                             # then a stray
+               b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",                              # second answer
+               b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"]
+    handle, accepted = scripted_server(answers)
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        transport = PlainHttpTransport(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", 5.0)
+        out = []
+        for _ in range(4):
+            try:
+                out.append(await transport.post(BODY, {}))
+            except TransportError as exc:
+                out.append(exc)
+        await transport.aclose()
+        server.close()
+        return out
+    cut, informational_only, answered, after = asyncio.run(go())
+    assert isinstance(cut, TransportError) and attempt_cause(cut) == "truncated body"
+    assert isinstance(informational_only, TransportError) and attempt_cause(informational_only) == "connection"
+    assert answered.content == b"ok" and after.content == b"next"
+    assert len(accepted) == 4  # the connection that sent a stray second answer was not reused
+
 def test_the_carrier_follows_the_scheme_and_the_proxy_settings(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)

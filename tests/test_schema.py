@@ -53,6 +53,9 @@ def test_plain_rows_become_the_table_a_data_frame_becomes():
     # a value only pandas' conversion takes (NaN where a text is missing) goes the DataFrame way
     odd = [*rows[:2], {**rows[2], "text": math.nan}]
     assert rows_to_table(odd).column("text").to_pylist()[0] is None
+    nan_temperature = [{**rows[0], "temperature": math.nan}]
+    assert rows_to_table(nan_temperature).equals(rows_to_table(pd.DataFrame(nan_temperature, columns=list(COLUMNS))))
+    assert rows_to_table(nan_temperature).column("temperature").to_pylist() == [None]
 
 def test_validation_names_the_bad_row(tmp_path):
     with pytest.raises(SchemaError, match="unknown body parts"):

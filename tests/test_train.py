@@ -142,6 +142,8 @@ def test_mc_flow_trains_streams_ensembles_and_publishes(tmp_path, toy_data):
 def test_resume_compares_descriptions_by_what_they_say_not_by_folder(tmp_path):
     """`gsp run` writes a fully cached re-run as a new description folder: the same texts resume;
     other texts, or another frame count, are named as changes."""
+    import dataclasses
+
     from gsp.schema import read_kind, write_kind
     from mc.train import resume_conflicts
 
@@ -155,6 +157,9 @@ def test_resume_compares_descriptions_by_what_they_say_not_by_folder(tmp_path):
                            text_cache=tmp_path / "cache", **extra)
 
     assert resume_conflicts(cfg(first), cfg(again, epochs=9, threads=1, device="cpu")) == []
+    faster = dataclasses.replace(cfg(first).text_encoder, batch_size=8)
+    assert resume_conflicts(cfg(first), cfg(again, text_encoder=faster)) == []  # the encoder's batch size is speed
+    assert resume_conflicts(cfg(first, contrastive=False), cfg(other, contrastive=False)) == []  # reads no text
     [changed] = resume_conflicts(cfg(first), cfg(other))
     assert changed.startswith("descriptions: 'texts ") and changed != "descriptions: 'texts '"
     tiny_frames = RECIPES["tiny"].frames

@@ -551,11 +551,14 @@ class LLMClient:
         budget = RetryBudget(self.settings.max_retries, self.settings.retry_budget_s)
         retrying: AsyncRetrying | None = None
         try:
+            first: Exception | None = None
             try:
                 response = await self._attempt(body, payload, usage)
-            except Exception as first:
-                if not is_retryable(first):
+            except Exception as exc:
+                if not is_retryable(exc):
                     raise
+                first = exc
+            if first is not None:  # retried outside the handler, so later failures do not chain to it
                 retrying = self._retrying(budget)
                 response = await self._retry(retrying, first, body, payload, usage)
         except CircuitOpen as exc:
@@ -587,6 +590,8 @@ class LLMClient:
                 if replay is not None:
                     failure, replay = replay, None
                     raise failure
+                if self.breaker.is_open:  # opened during the backoff: refused, not a retry
+                    raise CircuitOpen(self.breaker.reason)
                 usage.retries += 1
                 return await self._attempt(body, payload, usage)
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover

@@ -122,19 +122,24 @@ def open_transport(base_url: str, timeout_s: float) -> Transport:
 
 class _Answer:
     """What httptools' parser reports of the answer to one request (its callbacks, by name). An
-    informational answer (1xx) may come first: each message starts afresh, the last one counts."""
+    informational answer (1xx) may come first: each message starts afresh, and the first final
+    one (2xx-5xx) is kept as ``result``; bytes after it mean the connection is not reused."""
 
-    __slots__ = ("parser", "status", "headers", "chunks", "headers_done", "complete", "keep_alive")
+    __slots__ = ("parser", "status", "headers", "chunks", "headers_done", "chunked", "result", "keep_alive")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.result: HTTPAnswer | None = None
+        self.keep_alive = False
         self.on_message_begin()
 
     def on_message_begin(self) -> None:
+        if self.result is not None:  # a second answer to one request: a misbehaving server
+            self.keep_alive = False
         self.status = 0
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
-        self.headers_done = self.complete = self.keep_alive = False
+        self.headers_done = self.chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -143,21 +148,27 @@ class _Answer:
         self.headers_done = True
         self.status = self.parser.get_status_code()
 
+    def on_chunk_header(self) -> None:
+        self.chunked = True
+
     def on_body(self, data: bytes) -> None:
         self.chunks.append(data)
 
     def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()  # only valid now: the parser resets after
+        if self.status >= 200 and self.result is None:
+            self.result = HTTPAnswer(self.status, self.headers, b"".join(self.chunks))
+            self.keep_alive = self.parser.should_keep_alive()  # only valid now: the parser resets after
 
     @property
-    def final(self) -> bool:
-        return self.complete and self.status >= 200
+    def final_headers_done(self) -> bool:
+        """The headers of a final (not informational) answer have come."""
+        return self.headers_done and self.status >= 200
 
     @property
     def delimited_by_close(self) -> bool:
         """Neither a length nor chunks: the body ends when the server closes the connection."""
-        return "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
+        return ("content-length" not in self.headers and not self.chunked
+                and "chunked" not in self.headers.get("transfer-encoding", "").lower())
 
 
 @dataclass
@@ -210,7 +221,7 @@ class PlainHttpTransport:
         except TimeoutError as exc:
             conn.close()
             raise RequestTimeout(f"no answer within {self.timeout_s:g} s") from exc
-        except (OSError, httptools.HttpParserError) as exc:
+        except (OSError, httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             conn.close()
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         except BaseException:  # cancelled or cut off mid-exchange: the connection is in an unknown state
@@ -247,12 +258,13 @@ class PlainHttpTransport:
         await conn.writer.drain()
         answer = _Answer()
         try:
-            while not answer.final:
+            while answer.result is None:
                 data = await conn.reader.read(READ_CHUNK)
                 if not data:
-                    if answer.headers_done and answer.status >= 200 and answer.delimited_by_close:
+                    if answer.final_headers_done and answer.delimited_by_close:
+                        answer.result = HTTPAnswer(answer.status, answer.headers, b"".join(answer.chunks))
                         break
-                    if answer.headers_done:
+                    if answer.final_headers_done:
                         raise TransportError("the server closed the connection before the whole body came",
                                              truncated=True)
                     raise TransportError("the server closed the connection without an answer")
@@ -260,7 +272,7 @@ class PlainHttpTransport:
         finally:
             answer.parser = None  # parser and answer refer to each other: a cycle for the collector otherwise
         conn.keep_alive = answer.keep_alive
-        return HTTPAnswer(answer.status, answer.headers, b"".join(answer.chunks))
+        return answer.result
 
     async def aclose(self) -> None:
         while self._idle:
