@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -239,22 +240,29 @@ async def _online_workers(state: StackState) -> dict[str, list[dict[str, Any]]]:
         return out
 
 
-async def _crash_runs_of(state: StackState, pids: set[int], reason: str) -> list[str]:
+async def _crash_runs_of(state: StackState, pids: set[int], reason: str, since: datetime) -> list[str]:
     """Mark ``Crashed`` the runs the stopped processes were executing (their infrastructure pid),
-    which releases the deployment concurrency slot each held."""
+    which releases the deployment concurrency slot each held. A run whose own engine already said
+    Crashed when the signal reached it (since ``since``) is named too: it was running, and is
+    Crashed now either way."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     crashed = []
-    active = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
+    candidates = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING, StateType.CRASHED])))
     async with _client(state) as client:
-        for run in await client.read_flow_runs(flow_run_filter=active):
+        for run in await client.read_flow_runs(flow_run_filter=candidates):
             pid = _infrastructure_pid(run.infrastructure_pid)
-            if pid is not None and pid in pids:
-                await client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
-                crashed.append(run.name)
+            if pid is None or pid not in pids:
+                continue
+            if run.state_type == StateType.CRASHED:
+                if run.state is not None and run.state.timestamp >= since:
+                    crashed.append(run.name)
+                continue
+            await client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+            crashed.append(run.name)
     return crashed
 
 
@@ -415,6 +423,7 @@ def down(home: Path, *, grace_s: float = 10.0) -> dict[str, Any]:
 
 
 def _stop(state: StackState, grace_s: float, reason: str) -> dict[str, Any]:
+    started = datetime.now(UTC)
     stopped: list[str] = []
     killed: set[int] = set()
     for pool, pid in state.workers.items():
@@ -426,7 +435,7 @@ def _stop(state: StackState, grace_s: float, reason: str) -> dict[str, Any]:
     unmarked = False
     if answers_within(state, SERVER_ANSWER_S if killed else 0.0):
         if killed:
-            crashed = _run(_crash_runs_of(state, killed, f"its worker was {reason}"))
+            crashed = _run(_crash_runs_of(state, killed, f"its worker was {reason}", started))
         held = _run(_held_slots(state))
     else:
         unmarked = bool(killed)  # the runs those workers executed may still read Running
