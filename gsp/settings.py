@@ -229,6 +229,17 @@ class LLMSettings(_Section):
         "Unset: the embedded local llama.cpp server is started.",
     )
     api_key: SecretStr | None = Field(None, description="Bearer key; never logged or written.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _one_line_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key pasted with its newline would otherwise fail every request alike, request by request.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if any(c in key for c in "\r\n\0"):
+            raise ValueError("has a line break inside; give the key on one line")
+        return SecretStr(key) if key else None
     model: str = Field("moonshot-v1-8k")
     structured_output: StructuredMode = "json_object"
     temperature: float = Field(0.3, ge=0, le=2)

@@ -91,3 +91,12 @@ def test_structured_output_modes_have_one_home():
         assert get_args(LLMSettings.model_fields[name].annotation) == MODES
     with pytest.raises(SettingsError, match="structured_output"):
         LLMSettings(structured_output="xml")
+
+
+def test_the_api_key_is_one_line_and_never_echoed(monkeypatch):
+    monkeypatch.setenv("GSP_LLM_API_KEY", "  sk-pasted-with-its-newline\n")
+    assert Settings().llm.api_key.get_secret_value() == "sk-pasted-with-its-newline"
+    monkeypatch.setenv("GSP_LLM_API_KEY", "sk-first\nsk-second")
+    with pytest.raises(SettingsError, match="GSP_LLM_API_KEY: has a line break inside") as info:
+        Settings()
+    assert "sk-first" not in str(info.value)
