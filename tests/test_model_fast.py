@@ -80,6 +80,28 @@ def test_fast_equals_reference_outputs_and_gradients_float64(case):
     assert {u.formulation for u in fast.modules() if isinstance(u, UnitGCN)} == {"fast"}
 
 
+def test_inference_builds_the_topology_a_sample_at_a_time_with_the_same_result(monkeypatch):
+    """Without autograd the wide form builds and applies the (K, C, V, V) topology a chunk of
+    samples at a time; with one sample per chunk (three chunks here) the logits are still the
+    reference's, and a training forward still builds it for the whole batch at once."""
+    layout = get_layout("base27")
+    model = _randomised(GSPMCModel(model_config_for(layout, num_classes=5, base_channels=64)).double(), seed=4)
+    x = torch.randn(3, 3, 8, layout.num_nodes, 1, dtype=torch.float64)
+    monkeypatch.setattr(UnitGCN, "TOPOLOGY_CHUNK_BYTES", 1)
+    built = []  # samples in each topology built (the 4-D operand of its matmul)
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: (b.dim() == 4 and built.append(b.shape[0])) or matmul(a, b))
+    model.eval()
+    with torch.no_grad():
+        fast = set_formulation(model, "fast")(x)
+        assert len(built) == 10 * 3 and set(built) == {1}  # ten units, three one-sample chunks each
+        reference = set_formulation(model, "reference")(x)
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+    built.clear()
+    set_formulation(model, "fast")(x)
+    assert built == [3] * 10
+
+
 def test_fast_equals_reference_in_float32_at_87_joints():
     """Full width at 87 joints in float32: outputs within 1e-4 of their scale; gradients as close
     to the float64 truth as the reference formulation's own float32 gradients are (through ten
