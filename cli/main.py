@@ -79,11 +79,11 @@ def _root(
 ) -> None:
     import os
 
-    from gsp.settings import get_settings, unknown_env_names
+    from gsp.settings import get_settings, unsaid_unknown_env_names
 
     if ctx.resilient_parsing or ctx.meta.get(HELP_REQUESTED):  # completion and help need no settings
         return
-    for line in unknown_env_names(os.environ):
+    for line in unsaid_unknown_env_names(os.environ):
         typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
     # Reading the settings here first turns a bad config into one line (a SettingsError, caught
     # by _Group.invoke) before any work starts.

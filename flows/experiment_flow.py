@@ -16,6 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import warn_unknown_settings
+
 SUMMARY_ARTIFACT = "experiment-summary"
 
 
@@ -59,6 +61,7 @@ def experiment_flow(
     ``--descriptions``; ``train_per_class`` with null for all), then a table artifact of the
     summary. Defaults: seeds 0,1,2; ablations ce and all; keypoints and preset from settings;
     ``threads``: torch CPU threads (torch's default)."""
+    warn_unknown_settings()
     from gsp.settings import get_settings
 
     settings = get_settings()

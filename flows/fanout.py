@@ -27,6 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from flows import warn_unknown_settings
 from gsp.atomic import write_json_atomic
 from gsp.generate import GenerationError, claim_descriptions_root, describe_planned
 from gsp.schema import STATUS_OK
@@ -96,6 +97,7 @@ def global_throttle(llm: dict[str, Any]):
 @flow(name="gsp-shard", flow_run_name="shard-{shard}-of-{run_id}")
 async def shard_flow(plan: dict[str, Any], labels: list[int], shard: int, run_id: str, out: str) -> dict[str, Any]:
     """P1–P4 for ``labels`` of the planned run ``plan``; the rows go to the file ``out``."""
+    warn_unknown_settings()
     throttle = global_throttle(plan["settings"]["llm"])
     # No session of the parent is open in this process: describe_planned opens its own.
     result = await describe_planned(plan, labels, session_id="", throttle=throttle)

@@ -27,6 +27,7 @@ from prefect.events import emit_event
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
 
+from flows import warn_unknown_settings
 from flows.fanout import fan_out, remove_shards
 from flows.ingest import ingest_task
 from gsp.diff import diff_summary_markdown
@@ -223,6 +224,7 @@ async def gsp_flow(vocab: str, labels: list[int] | None = None, limit: int | Non
     configured the embedded local llama.cpp server is started for the run. ``shards`` > 1 splits
     the signs into that many flow runs of ``gsp-shard/describe`` (flows.fanout), for several
     workers; they share the endpoint's limits through Prefect global rate limits."""
+    warn_unknown_settings()
     settings = build_settings(base_url=base_url, model=model, structured_output=structured_output,
                               concurrency=concurrency, synonyms=synonyms)
     if use_index and ingest:

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from flows import warn_unknown_settings
 from gsp.index import ingest
 from gsp.settings import KnowledgeBaseSettings, get_settings
 
@@ -41,6 +42,7 @@ def ingest_task(kb_dir: str, index_dir: str, kb_settings: dict[str, Any]) -> dic
 @flow(name="ingest")
 def ingest_flow(kb_dir: str | None = None, index_dir: str | None = None) -> dict:
     """Incrementally (re)build the knowledge-base index (default folders: the settings' paths)."""
+    warn_unknown_settings()
     settings = get_settings()
     return ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
                        settings.kb.model_dump(mode="json"))

@@ -27,6 +27,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import warn_unknown_settings
 from mc.run_folder import RunFolder
 
 #: Default ensemble weights per stream (CTR-GCN's 4-stream fusion: joint/bone 1, motions 0.5).
@@ -168,6 +169,7 @@ def mc_flow(
     synthetic set (built when missing), ``out`` to a folder under ``<artifacts>/runs`` named by
     the inputs. ``preset``, ``epochs``, ``seed``, ``device`` and ``num_workers`` default (None) to
     the ``GSP_MC_*`` settings. ``nproc_per_node`` > 1 trains each stream with DDP under torchrun."""
+    warn_unknown_settings()
     from gsp.settings import get_settings
     from mc.train import TrainConfig
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import warn_unknown_settings
 from flows.gsp_flow import gsp_flow
 from flows.mc_flow import DEMO_FRAMES, DEMO_SAMPLES_PER_CLASS, DEMO_SEED, demo_data_path, mc_flow, synth_task
 
@@ -36,6 +37,7 @@ async def pipeline_flow(
     ``GSP_MC_NUM_WORKERS`` (:func:`flows.mc_flow.mc_flow`); ``synth_seed`` draws the synthetic clips.
     The training folder is named by what it trains on (:func:`flows.mc_flow.run_folder_name`), so a
     re-run after a kill, whose generation is all cache hits, resumes it from its last checkpoint."""
+    warn_unknown_settings()
     # A failed description run raises RunFailed here, so nothing is trained on it.
     generated = await gsp_flow(vocab=vocab, limit=limit)
     data = synth_task(str(demo_data_path(Path(artifacts_dir), samples_per_class, synth_frames, synth_seed)),

@@ -373,6 +373,18 @@ def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
             for name in sorted(environ) if name.upper().startswith("GSP_") and name.upper() not in known]
 
 
+_said_unknown: set[str] = set()
+
+
+def unsaid_unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """:func:`unknown_env_names` that this function has not returned before in this process:
+    every entry point (the CLI, each flow) warns, and a flow that the CLI runs in its own process
+    does not say the same lines again."""
+    lines = [line for line in unknown_env_names(environ) if line not in _said_unknown]
+    _said_unknown.update(lines)
+    return lines
+
+
 class Settings:
     """The project's settings: one attribute per section."""
 

@@ -75,17 +75,34 @@ def test_gsp_train_and_eval_honour_the_settings(mc_env, toy_data, tmp_path, monk
     assert CliRunner().invoke(app, ["eval", str(out), "--device", "cpu"]).exit_code == 0
 
 
-def test_mc_flow_honours_the_settings(mc_env, toy_data, tmp_path):
+def test_mc_flow_honours_the_settings(mc_env, toy_data, tmp_path, monkeypatch):
+    """… and a misspelt GSP_ variable is named in the flow run's log (a worker has no CLI to say it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
     from flows import use_local_prefect
 
     use_local_prefect()
     from flows.mc_flow import mc_flow
 
+    monkeypatch.setenv("GSP_MC_SEEED", "4")  # a name no other test in this process has said
     # No description run exists: the flow refuses to guess, unless asked for the CE-only baseline.
+    refused = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1,
+                      return_state=True)
+    assert refused.is_failed()
     with pytest.raises(GspError, match="no complete description run"):
-        mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1)
-    result = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1, contrastive=False)
-    assert_settings_recorded(result["metrics_files"]["joint"])
+        refused.result()
+    state = mc_flow(data=str(toy_data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1, contrastive=False,
+                    return_state=True)
+    assert_settings_recorded(state.result()["metrics_files"]["joint"])
+    APILogHandler().flush()
+    runs = [refused.state_details.flow_run_id, state.state_details.flow_run_id]
+    with get_client(sync_client=True) as client:
+        said = [[log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run])))
+                 if "GSP_MC_SEEED" in log.message] for run in runs]
+    # said once per process: in the first flow run's log, not again in the second's
+    assert said == [["GSP_MC_SEEED is not a gsp setting and is ignored (did you mean 'GSP_MC_SEED'?)"], []], said
 
 
 @pytest.mark.slow
