@@ -8,15 +8,24 @@ bfloat16 autocast on the CPU (``amp="on"`` in training). Each ratio is against t
 eager float32. Variants are timed interleaved (one iteration of each in turn), so background load
 hits them alike; the median of ``--iters`` iterations is shown.
 
+``--fresh N`` times instead the first inference pass in a fresh process (what ``gsp eval`` and
+``gsp predict`` do once per call): N rounds of one subprocess per formulation, each building the
+model and running one forward pass, with its seconds, peak memory and page faults; medians shown.
+
     .venv/bin/python bench/backbone.py                                  # the issue's full size
     .venv/bin/python bench/backbone.py --batch 4 --frames 32 --iters 3  # quicker
+    .venv/bin/python bench/backbone.py --fresh 3 --no-compile           # first pass in a fresh process
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -81,6 +90,49 @@ def measure(runs: dict[str, tuple[torch.nn.Module, bool]], x: torch.Tensor, iter
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
+def fresh_inference(args: argparse.Namespace) -> dict:
+    """One forward pass of formulation ``args.one_fresh`` in this (fresh) process: seconds, and
+    the peak memory and page faults it added."""
+    layout = get_layout(args.layout)
+    torch.manual_seed(0)
+    model = set_formulation(SkeletonClassifier(model_config_for(layout, 46, base_channels=args.channels)),
+                            args.one_fresh).eval()
+    x = torch.randn(args.batch, 3, args.frames, layout.num_nodes, 1)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "peak_mb": after.ru_maxrss / 1024,
+            "added_mb": (after.ru_maxrss - before.ru_maxrss) / 1024, "faults": after.ru_minflt - before.ru_minflt}
+
+
+def measure_fresh(args: argparse.Namespace) -> dict[str, dict]:
+    """Medians over ``args.fresh`` rounds of :func:`fresh_inference`, one subprocess per
+    formulation and round, the formulations alternating."""
+    runs: dict[str, list[dict]] = {name: [] for name in ("reference", "fast")}
+    for _ in range(args.fresh):
+        for name, results in runs.items():
+            command = [sys.executable, __file__, "--one-fresh", name, "--batch", str(args.batch), "--frames",
+                       str(args.frames), "--channels", str(args.channels), "--layout", args.layout]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return {name: {k: statistics.median(r[k] for r in results) for k in results[0]} for name, results in runs.items()}
+
+
+def print_fresh(args: argparse.Namespace, result: dict[str, dict]) -> None:
+    base = result["reference"]
+    print(f"first inference pass in a fresh process, V={get_layout(args.layout).num_nodes}, T={args.frames}, "
+          f"batch {args.batch}, base_channels {args.channels}, median of {args.fresh} process(es) each")
+    print(f"{'formulation':<14}{'seconds':>9}{'ratio':>8}{'peak MB':>9}{'added MB':>10}{'page faults':>13}")
+    for name, r in result.items():
+        print(f"{name:<14}{r['seconds']:>9.2f}{r['seconds'] / base['seconds']:>7.2f}x{r['peak_mb']:>9.0f}"
+              f"{r['added_mb']:>10.0f}{r['faults']:>13.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -92,9 +144,18 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the fast formulation under torch.compile")
     ap.add_argument("--bf16", action="store_true", help="also time both formulations under bf16 autocast")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="time the first inference pass in N fresh processes per formulation instead")
+    ap.add_argument("--one-fresh", choices=("reference", "fast"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one_fresh:
+        print(json.dumps(fresh_inference(args)))
+        return
+    if args.fresh:
+        print_fresh(args, measure_fresh(args))
+        return
     layout = get_layout(args.layout)
     torch.manual_seed(0)
     model = SkeletonClassifier(model_config_for(layout, 46, base_channels=args.channels))
