@@ -48,6 +48,9 @@ def run_cmd(
         24, "--samples-per-class", min=8, help="Synthetic clips per sign (8 signers, 2 of them test)."),
     streams: str = typer.Option("joint", "--streams", help="Comma-separated: joint,bone,joint_motion,bone_motion."),
     search: str = typer.Option(SAMPLE_GLOSS, "--search", help="Gloss to look up after ingest."),
+    onnx: bool = typer.Option(
+        False, "--onnx", help="Also write each stream's model.onnx for ONNX Runtime (`gsp predict`); "
+        "tracing adds about half a minute."),
 ) -> None:
     """Run the whole pipeline end to end on embedded defaults and say where everything landed."""
     from cli.kb import run_ingest
@@ -79,7 +82,7 @@ def run_cmd(
         result = asyncio.run(pipeline_flow(
             vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,
             samples_per_class=samples_per_class, epochs=epochs, preset=settings.mc.preset,
-            streams=stream_list,
+            streams=stream_list, onnx=onnx,
         ))
     except RunFailed as exc:
         # The descriptions failed: training on them would be training on nothing. Any other
@@ -124,6 +127,8 @@ def _print_summary(result: dict, index_dir: Path, seconds: float) -> None:
         where.add_row(f"training run ({name}): checkpoints, TensorBoard, metrics", str(Path(path).parent))
     for name, path in trained["exports"].items():
         where.add_row(f"inference export ({name})", path)
+    for name, path in trained.get("onnx", {}).items():
+        where.add_row(f"ONNX export ({name})", path)
     Console().print(where)
     if (trained.get("text_features") or {}).get("error"):
         console.print(f"[yellow]{escape(trained['text_features']['error'])}: trained with cross-entropy only"

@@ -127,6 +127,17 @@ def train_task(stream: str, config: dict[str, Any], nproc_per_node: int = 1) -> 
     return {k: v for k, v in metrics.items() if k not in ("history", "per_class_accuracy", "skipped")}
 
 
+@task(name="export-onnx", cache_policy=NO_CACHE, task_run_name="onnx-{stream}")
+def onnx_task(stream: str, run_dir: str) -> str:
+    """``model.onnx`` beside the stream's ``export.pt`` (torch.export traces the model: tens of
+    seconds on a CPU, which is why it is asked for, not done by default)."""
+    from mc.onnx_export import export_run
+
+    path = export_run(run_dir, onnx=True)[-1]
+    get_run_logger().info("%s: ONNX export %s", stream, path)
+    return str(path)
+
+
 @task(name="ensemble-streams", cache_policy=NO_CACHE)
 def ensemble_task(run_dirs: list[str], weights: list[float], out: str) -> dict[str, Any]:
     from mc.evaluate import ensemble
@@ -162,13 +173,15 @@ def mc_flow(
     device: str | None = None,
     num_workers: int | None = None,
     nproc_per_node: int = 1,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Train ``streams`` (default: joint) on ``data`` with the descriptions, evaluate, ensemble.
 
     ``descriptions`` defaults to the latest complete description run, ``data`` to the demo
     synthetic set (built when missing), ``out`` to a folder under ``<artifacts>/runs`` named by
     the inputs. ``preset``, ``epochs``, ``seed``, ``device`` and ``num_workers`` default (None) to
-    the ``GSP_MC_*`` settings. ``nproc_per_node`` > 1 trains each stream with DDP under torchrun."""
+    the ``GSP_MC_*`` settings. ``nproc_per_node`` > 1 trains each stream with DDP under torchrun.
+    ``onnx``: also write each stream's ``model.onnx`` for ONNX Runtime (``gsp predict``)."""
     warn_unknown_settings()
     from gsp.settings import get_settings
     from mc.train import TrainConfig
@@ -199,6 +212,7 @@ def mc_flow(
         rows.append({"stream": "ensemble(" + ",".join(streams) + ")", "top1": round(fused["top1"], 4),
                      "top5": round(fused["top5"], 4), "epochs": None, "seconds": None, "contrastive": None})
     publish_task(rows, inputs, str(out_dir))
+    onnx_files = {s: onnx_task(s, str(out_dir / s)) for s in streams} if onnx else {}
     return {
         "out": str(out_dir),
         "descriptions": inputs["descriptions"],
@@ -209,4 +223,5 @@ def mc_flow(
         "table": rows,
         "metrics_files": {s: str(RunFolder(out_dir / s).metrics) for s in streams},
         "exports": {s: str(RunFolder(out_dir / s).export) for s in streams},
+        "onnx": onnx_files,
     }

@@ -30,11 +30,13 @@ async def pipeline_flow(
     epochs: int | None = None,
     seed: int | None = None,
     synth_seed: int = DEMO_SEED,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """The main job: every stage of GSP-MC, end to end, on the given vocabulary. ``preset``,
     ``epochs`` and the training ``seed`` default (None) to ``GSP_MC_PRESET`` / ``GSP_MC_EPOCHS`` /
     ``GSP_MC_SEED``, and the device and loader workers come from ``GSP_MC_DEVICE`` /
-    ``GSP_MC_NUM_WORKERS`` (:func:`flows.mc_flow.mc_flow`); ``synth_seed`` draws the synthetic clips.
+    ``GSP_MC_NUM_WORKERS`` (:func:`flows.mc_flow.mc_flow`); ``synth_seed`` draws the synthetic clips;
+    ``onnx`` also writes each stream's ``model.onnx``.
     The training folder is named by what it trains on (:func:`flows.mc_flow.run_folder_name`), so a
     re-run after a kill, whose generation is all cache hits, resumes it from its last checkpoint."""
     warn_unknown_settings()
@@ -43,5 +45,5 @@ async def pipeline_flow(
     data = synth_task(str(demo_data_path(Path(artifacts_dir), samples_per_class, synth_frames, synth_seed)),
                       samples_per_class, synth_frames, synth_seed)
     trained = mc_flow(descriptions=generated["run_dir"], data=data, preset=preset, streams=streams or ["joint"],
-                      epochs=epochs, seed=seed)
+                      epochs=epochs, seed=seed, onnx=onnx)
     return {"descriptions": generated, "skeletons": data, "training": trained}

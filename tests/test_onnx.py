@@ -166,3 +166,29 @@ def test_export_refuses_bad_runs_and_outputs(exported, tmp_path):
     assert r.exit_code == 0 and r.stdout.split() == [str(tmp_path / "copy.pt")], r.output
     a, b = load_inference(run / "export.pt")[1], load_inference(tmp_path / "copy.pt")[1]
     assert a["labels"] == b["labels"] and all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items())
+
+
+def test_the_mc_flow_writes_model_onnx_when_asked(tmp_path, clip, monkeypatch):
+    """``mc_flow(onnx=True)`` (and so the deployment's parameter and `gsp run --onnx`) writes each
+    stream's model.onnx beside its export.pt, and it predicts what the export predicts."""
+    from flows import use_local_prefect
+    from gsp.settings import get_settings
+
+    monkeypatch.setenv("GSP_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("GSP_MC_THREADS", "1")
+    get_settings.cache_clear()
+    use_local_prefect()
+    from flows.mc_flow import mc_flow
+
+    data = toy_pyskl(tmp_path / "toy.pkl", num_classes=NUM_CLASSES, per_class=3, test_per_class=1, frames=12)
+    try:
+        result = mc_flow(data=str(data), out=str(tmp_path / "runs"), streams=["joint"], epochs=1, contrastive=False,
+                         onnx=True)
+    finally:
+        get_settings.cache_clear()
+    model_onnx = Path(result["onnx"]["joint"])
+    assert model_onnx == Path(result["exports"]["joint"]).with_name("model.onnx") and is_onnx_export(model_onnx)
+    from_onnx = predict_onnx_file(model_onnx, clip, topk=NUM_CLASSES)
+    from_pt = predict_file(Path(result["exports"]["joint"]), clip, topk=NUM_CLASSES)
+    assert [p["label"] for p in from_onnx] == [p["label"] for p in from_pt]
+    np.testing.assert_allclose([p["probability"] for p in from_onnx], [p["probability"] for p in from_pt], atol=1e-3)
