@@ -262,8 +262,9 @@ class UnitGCN(nn.Module):
         n, _, t, v = y.shape
         return y.view(n, len(self.convs), -1, t, v)
 
-    #: Bytes of (·, K, C, V, V) topology built and applied per chunk of samples (see _topology_product).
-    TOPOLOGY_CHUNK_BYTES = 8 << 20
+    #: Bytes of (·, K, ·, V, V) topology built and applied per block without autograd (see
+    #: _topology_product): about what the CPU's L2/L3 keep while the block is applied.
+    TOPOLOGY_BLOCK_BYTES = 2 << 20
 
     def _topology_product(self, rel: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """Σ_k Σ_v (α·conv4_k(rel_k) + A_k)[n,c,u,v] · x3_k[n,c,t,v] (the CTR-GC aggregation).
@@ -274,13 +275,14 @@ class UnitGCN(nn.Module):
         gradients of α, b and A come out of the matmul's own backward instead of reductions over
         (N, C, V, V).
 
-        Without autograd (inference) the topology is built and applied a few samples at a time
-        (``TOPOLOGY_CHUNK_BYTES``): at 87 joints one sample's is 6–23 MB, the whole batch's
-        100–370 MB, which the allocator maps fresh from the OS (page faults) at every call. At
-        full size, batch 16, a fresh process's forward pass fell from 3.7–3.8 to 2.9–3.1 s and its
-        peak memory by 340–440 MB; once the allocator has grown, the time is the same within
-        noise. Training takes the batch whole: autograd keeps every chunk's topology for the
-        backward anyway, and a fresh process's first step was slower chunked (16 s against 12)."""
+        Without autograd (inference) the topology is built and applied in blocks of samples and
+        channels of at most ``TOPOLOGY_BLOCK_BYTES``: building it is a matmul over only R+2
+        inner terms, so its time is writing memory, and a block that stays in cache is read back
+        by the second matmul at cache speed (at 87 joints one sample's topology is 6–23 MB). At
+        full width, one sample and C = 256, building and applying took 13.8 ms whole and 6.9 ms
+        in blocks of 32 channels. Training takes the batch whole: autograd keeps every block's
+        topology for the backward anyway, and a fresh process's first step was slower in
+        per-sample chunks (16 s against 12)."""
         n, k, r, v, _ = rel.shape
         c = x3.shape[2]
         w4 = torch.stack([g.conv4.weight.view(c, r) for g in self.convs]) * self.alpha
@@ -288,23 +290,33 @@ class UnitGCN(nn.Module):
         w_aug = torch.cat([w4, b4, torch.ones_like(b4)], dim=-1)  # K, C, R+2
         consts = torch.cat([torch.ones_like(self.PA).unsqueeze(1), self.PA.unsqueeze(1)], dim=1)
 
-        def product(rel_i: torch.Tensor, x3_i: torch.Tensor) -> torch.Tensor:
+        def augmented(rel_i: torch.Tensor) -> torch.Tensor:  # (m, K, R+2, V·V)
             m = rel_i.shape[0]
-            rel_aug = torch.cat([rel_i, consts.unsqueeze(0).expand(m, -1, -1, -1, -1)], dim=2)
-            topo = torch.matmul(w_aug, rel_aug.view(m, k, r + 2, v * v)).view(m, k, c, v, v)
-            return torch.matmul(x3_i, topo.transpose(-1, -2)).sum(1)
+            return torch.cat([rel_i, consts.unsqueeze(0).expand(m, -1, -1, -1, -1)], dim=2).view(m, k, r + 2, v * v)
+
+        def product(rel_aug: torch.Tensor, x3_i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            topo = torch.matmul(w, rel_aug).view(x3_i.shape[0], k, w.shape[1], v, v)
+            return torch.matmul(x3_i, topo.transpose(-1, -2))  # (m, K, c, T, V), summed over K by the caller
 
         # Traced graphs (torch.compile, torch.export for ONNX) take the batch whole too: a loop
         # over a dynamic batch would fix it to the example's size.
         if torch.is_grad_enabled() or _tracing():
-            return product(rel, x3)
-        step = max(1, self.TOPOLOGY_CHUNK_BYTES // (k * c * v * v * x3.element_size()))
-        return torch.cat([product(rel[i:i + step], x3[i:i + step]) for i in range(0, n, step)])
+            return product(augmented(rel), x3, w_aug).sum(1)
+        per_channel = k * v * v * x3.element_size()
+        channels = max(1, min(c, self.TOPOLOGY_BLOCK_BYTES // per_channel))
+        samples = max(1, self.TOPOLOGY_BLOCK_BYTES // (per_channel * c)) if channels == c else 1
+        out = x3.new_empty(n, c, *x3.shape[3:])
+        for i in range(0, n, samples):
+            rel_aug = augmented(rel[i:i + samples])
+            for j in range(0, c, channels):
+                block = product(rel_aug, x3[i:i + samples, :, j:j + channels], w_aug[:, j:j + channels])
+                torch.sum(block, 1, out=out[i:i + samples, j:j + channels])
+        return out
 
 
 def _tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing this call (not running it eagerly)."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Whether torch.compile, torch.export or torch.jit is tracing this call (not running it eagerly)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 #: The graph-unit formulations: "fast" (the default) and "reference" (the reference code's
@@ -313,12 +325,12 @@ FORMULATIONS = ("fast", "reference")
 
 
 def set_formulation(model: nn.Module, name: str) -> nn.Module:
-    """Compute every graph unit of ``model`` with formulation ``name``; returns ``model``.
-    Parameters and state_dict are the same under both."""
+    """Compute every graph unit of ``model``, and the backbone's eval-mode batching, with formulation
+    ``name``; returns ``model``. Parameters and state_dict are the same under both."""
     if name not in FORMULATIONS:
         raise ValueError(f"unknown formulation {name!r}; choose one of {', '.join(FORMULATIONS)}")
     for m in model.modules():
-        if isinstance(m, UnitGCN):
+        if isinstance(m, (UnitGCN, CTRGCNBackbone)):
             m.formulation = name
     return model
 
@@ -399,6 +411,9 @@ class CTRGCNBackbone(nn.Module):
             c_in = c_out
         self.units = nn.Sequential(*units)
         self.out_channels = c_in
+        #: Channels of the widest intermediate per frame and joint: the first unit's K stacked
+        #: conv3 outputs (later units trade frames for channels at the same size).
+        self._peak_channels = a.shape[0] * w * cfg.num_persons
         #: The torch.compile'd forward (:func:`compile_backbone`); None: eager. A plain attribute,
         #: so the state_dict (and every checkpoint) is the same either way.
         self._compiled = None
@@ -417,7 +432,32 @@ class CTRGCNBackbone(nn.Module):
                 # Compilation runs at the first call (and at a new shape); nothing has run yet.
                 self._compiled = None
                 log.warning("torch.compile failed (%s); going on with the eager model", _first_line(exc))
-        return self._forward_eager(x)
+        if self.formulation == "reference" or self.training or torch.is_grad_enabled() or _tracing():
+            return self._forward_eager(x)
+        return self._forward_in_chunks(x)
+
+    #: "fast" or "reference" (:func:`set_formulation`): the reference takes every batch whole.
+    formulation: str = "fast"
+
+    #: Without autograd, in eval mode, the batch runs a few samples at a time so that no
+    #: intermediate passes this size (see _forward_in_chunks).
+    INFERENCE_CHUNK_BYTES = 16 << 20
+
+    def _forward_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval-mode forward pass, a chunk of samples at a time (every operation is per
+        sample in eval mode, so the result is the whole batch's).
+
+        glibc's allocator hands every block over 32 MB (its largest mmap threshold) straight back
+        to the OS when freed, so each one is mapped fresh, page by page, at its next use. At full
+        width, 87 joints and 64 frames one sample's largest intermediate is 4.3 MB, a batch of 16's
+        68 MB; in chunks of 3 no intermediate reaches the threshold and the heap is reused. Batch 16
+        at full size took 0.75–0.78 of the whole batch's time in chunks of 2–4."""
+        n, _, t, v, _ = x.shape
+        per_sample = self._peak_channels * t * v * x.element_size()
+        step = max(1, self.INFERENCE_CHUNK_BYTES // per_sample)
+        if step >= n:
+            return self._forward_eager(x)
+        return torch.cat([self._forward_eager(x[i:i + step]) for i in range(0, n, step)])
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         n, c, t, v, m = x.shape

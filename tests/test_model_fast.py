@@ -16,7 +16,7 @@ from toy_data import toy_pyskl
 
 from mc.evaluate import CHECKPOINT_KEYS, export_inference, load_inference
 from mc.keypoints import get_layout
-from mc.model import GSPMCModel, UnitGCN, model_config_for, set_formulation
+from mc.model import CTRGCNBackbone, GSPMCModel, UnitGCN, model_config_for, set_formulation
 
 torch.set_num_threads(1)
 GSP = str(Path(sys.executable).with_name("gsp"))
@@ -80,26 +80,51 @@ def test_fast_equals_reference_outputs_and_gradients_float64(case):
     assert {u.formulation for u in fast.modules() if isinstance(u, UnitGCN)} == {"fast"}
 
 
-def test_inference_builds_the_topology_a_sample_at_a_time_with_the_same_result(monkeypatch):
-    """Without autograd the wide form builds and applies the (K, C, V, V) topology a chunk of
-    samples at a time; with one sample per chunk (three chunks here) the logits are still the
-    reference's, and a training forward still builds it for the whole batch at once."""
+def test_inference_runs_in_chunks_and_topology_blocks_with_the_same_result(monkeypatch):
+    """Without autograd, in eval mode, the backbone runs a chunk of samples at a time and each wide
+    graph unit builds and applies its (K, C, V, V) topology in blocks of samples and channels;
+    with the smallest chunks and blocks (one sample, one channel) the logits are still the
+    reference formulation's on the whole batch, and a training forward still takes the whole batch at once."""
     layout = get_layout("base27")
     model = _randomised(GSPMCModel(model_config_for(layout, num_classes=5, base_channels=64)).double(), seed=4)
     x = torch.randn(3, 3, 8, layout.num_nodes, 1, dtype=torch.float64)
-    monkeypatch.setattr(UnitGCN, "TOPOLOGY_CHUNK_BYTES", 1)
-    built = []  # samples in each topology built (the 4-D operand of its matmul)
+    monkeypatch.setattr(UnitGCN, "TOPOLOGY_BLOCK_BYTES", 1)
+    monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", 1)
+    built = []  # (samples, channels) of each topology built: the 4-D operand of its matmul and the weights
     matmul = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b: (b.dim() == 4 and built.append(b.shape[0])) or matmul(a, b))
+    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: (
+        b.dim() == 4 and built.append((b.shape[0], a.shape[1]))) or matmul(a, b, **kw))
     model.eval()
     with torch.no_grad():
         fast = set_formulation(model, "fast")(x)
-        assert len(built) == 10 * 3 and set(built) == {1}  # ten units, three one-sample chunks each
-        reference = set_formulation(model, "reference")(x)
+        widths = [64] * 4 + [128] * 3 + [256] * 3
+        assert built == [(1, 1)] * (3 * sum(widths))  # every sample, unit and channel on its own
+    with torch.enable_grad():  # the reference formulation, the batch whole
+        reference = set_formulation(model, "reference")(x).detach()
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
     built.clear()
+    model.train()
     set_formulation(model, "fast")(x)
-    assert built == [3] * 10
+    assert built == [(3, c) for c in widths]
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_a_batch_in_inference_chunks_gives_the_whole_batch_result_in_float32(monkeypatch, per_chunk):
+    """At 87 joints in float32 the eval-mode batch in chunks (the first unit sees them) equals the
+    batch taken whole (the training path, autograd on) within float tolerance."""
+    layout = get_layout("gsp87")
+    model = _randomised(GSPMCModel(model_config_for(layout, num_classes=6, base_channels=16)), seed=5).eval()
+    x = torch.randn(5, 3, 8, layout.num_nodes, 1)
+    seen = []
+    model.backbone.units[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    with torch.enable_grad():
+        whole = model(x).detach()
+    per_sample = 3 * 16 * 8 * layout.num_nodes * 4  # K stacked conv3 outputs of width 16, float32
+    monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", per_chunk * per_sample)
+    with torch.no_grad():
+        chunked = model(x)
+    assert seen == [5] + [per_chunk] * (5 // per_chunk) + [5 % per_chunk] * (5 % per_chunk > 0)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_equals_reference_in_float32_at_87_joints():
