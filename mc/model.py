@@ -237,9 +237,21 @@ class UnitGCN(nn.Module):
         rel = self._relations(x)
         x3 = self._subset_features(x)
         if self.convs[0].factorized:
-            return sum(conv._forward_factorized(rel[:, i], x3[:, i], self.PA[i], self.alpha)
-                       for i, conv in enumerate(self.convs))
+            return self._factorized_product(rel, x3)
         return self._topology_product(rel, x3)
+
+    def _factorized_product(self, rel: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """Σ_k of :meth:`CTRGC._forward_factorized` with the K subsets inside each contraction
+        (rel (N, K, R, V, V), x3 (N, K, C, T, V)): three contractions for the unit instead of
+        three per subset, and the adjacency term one matmul over (k, v) together (the tiny
+        preset's training step: 0.30–0.44 s against 0.33–0.50 in six interleaved processes)."""
+        c, r = x3.shape[2], rel.shape[2]
+        w = torch.stack([g.conv4.weight.view(c, r) for g in self.convs])  # K, C, R
+        refined = torch.einsum("kcr,nkrctu->nctu", w, torch.einsum("nkruv,nkctv->nkrctu", rel, x3))
+        if self.convs[0].conv4.bias is not None:
+            b = torch.stack([g.conv4.bias for g in self.convs])  # K, C
+            refined = refined + torch.einsum("kc,nkct->nct", b, x3.sum(-1)).unsqueeze(-1)
+        return refined * self.alpha + torch.einsum("kuv,nkctv->nctu", self.PA, x3)
 
     def _relations(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(φ(x̄)_u − ψ(x̄)_v) of every subset, (N, K, R, V, V).
