@@ -311,8 +311,9 @@ class UnitGCN(nn.Module):
             return torch.matmul(x3_i, topo.transpose(-1, -2))  # (m, K, c, T, V), summed over K by the caller
 
         # Traced graphs (torch.compile, torch.export for ONNX) take the batch whole too: a loop
-        # over a dynamic batch would fix it to the example's size.
-        if torch.is_grad_enabled() or _tracing():
+        # over a dynamic batch would fix it to the example's size. So does an accelerator, whose
+        # kernels want large operands more than a CPU's caches.
+        if torch.is_grad_enabled() or _tracing() or x3.device.type != "cpu":
             return product(augmented(rel), x3, w_aug).sum(1)
         per_channel = k * v * v * x3.element_size()
         channels = max(1, min(c, self.TOPOLOGY_BLOCK_BYTES // per_channel))
@@ -444,7 +445,8 @@ class CTRGCNBackbone(nn.Module):
                 # Compilation runs at the first call (and at a new shape); nothing has run yet.
                 self._compiled = None
                 log.warning("torch.compile failed (%s); going on with the eager model", _first_line(exc))
-        if self.formulation == "reference" or self.training or torch.is_grad_enabled() or _tracing():
+        if (self.formulation == "reference" or self.training or torch.is_grad_enabled() or _tracing()
+                or x.device.type != "cpu"):  # an accelerator wants the batch whole (and has no glibc heap)
             return self._forward_eager(x)
         return self._forward_in_chunks(x)
 

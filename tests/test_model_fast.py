@@ -142,6 +142,26 @@ def test_a_batch_in_inference_chunks_gives_the_whole_batch_result_in_float32(mon
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_off_the_cpu_takes_the_batch_whole(monkeypatch):
+    """The chunks and blocks are for a CPU's allocator and caches; on another device (here the
+    meta device, which runs shapes only) eval-mode inference takes the batch whole."""
+    layout = get_layout("base27")
+    model = GSPMCModel(model_config_for(layout, num_classes=5, base_channels=64)).to("meta").eval()
+    monkeypatch.setattr(UnitGCN, "TOPOLOGY_BLOCK_BYTES", 1)
+    monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", 1)
+    seen = []
+    model.backbone.units[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    built = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: (
+        b.dim() == 4 and built.append((b.shape[0], a.shape[1]))) or matmul(a, b, **kw))
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 8, layout.num_nodes, 1, device="meta"))
+    assert logits.shape == (3, 5)
+    assert seen == [3]
+    assert built == [(3, c) for c in [64] * 4 + [128] * 3 + [256] * 3]
+
+
 def test_fast_equals_reference_in_float32_at_87_joints():
     """Full width at 87 joints in float32: outputs within 1e-4 of their scale; gradients as close
     to the float64 truth as the reference formulation's own float32 gradients are (through ten
