@@ -418,15 +418,18 @@ class CTRGCNBackbone(nn.Module):
         _bn_init(self.data_bn, 1)
         units = []
         c_in = cfg.in_channels
+        #: Channels × share of the input frames of the largest intermediate, per joint and person:
+        #: a unit's K stacked conv3 outputs, before its temporal stride (the 5th unit's at 2w).
+        self._peak_channels = 0.0
+        frames = 1.0
         for k, c_out in enumerate(widths, start=1):
             stride = 2 if k in cfg.stride_units else 1
             units.append(TCNGCNUnit(c_in, c_out, a, stride=stride, residual=(k != 1)))
+            self._peak_channels = max(self._peak_channels, a.shape[0] * c_out * frames * cfg.num_persons)
+            frames /= stride
             c_in = c_out
         self.units = nn.Sequential(*units)
         self.out_channels = c_in
-        #: Channels of the widest intermediate per frame and joint: the first unit's K stacked
-        #: conv3 outputs (later units trade frames for channels at the same size).
-        self._peak_channels = a.shape[0] * w * cfg.num_persons
         #: The torch.compile'd forward (:func:`compile_backbone`); None: eager. A plain attribute,
         #: so the state_dict (and every checkpoint) is the same either way.
         self._compiled = None
@@ -455,7 +458,7 @@ class CTRGCNBackbone(nn.Module):
 
     #: Without autograd, in eval mode, the batch runs a few samples at a time so that no
     #: intermediate passes this size (see _forward_in_chunks).
-    INFERENCE_CHUNK_BYTES = 16 << 20
+    INFERENCE_CHUNK_BYTES = 32 << 20
 
     def _forward_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode forward pass, a chunk of samples at a time (every operation is per
@@ -463,12 +466,12 @@ class CTRGCNBackbone(nn.Module):
 
         glibc's allocator hands every block over 32 MB (its largest mmap threshold) straight back
         to the OS when freed, so each one is mapped fresh, page by page, at its next use. At full
-        width, 87 joints and 64 frames one sample's largest intermediate is 4.3 MB, a batch of 16's
-        68 MB; in chunks of 3 no intermediate reaches the threshold and the heap is reused. Batch 16
-        at full size took 0.75–0.78 of the whole batch's time in chunks of 2–4."""
+        width, 87 joints and 64 frames one sample's largest intermediate is 8.6 MB, a batch of 16's
+        137 MB; in chunks of 3 no intermediate passes the threshold and the heap is reused. Batch
+        16 at full size took 0.75–0.78 of the whole batch's time in chunks of 2–4."""
         n, _, t, v, _ = x.shape
         per_sample = self._peak_channels * t * v * x.element_size()
-        step = max(1, self.INFERENCE_CHUNK_BYTES // per_sample)
+        step = max(1, int(self.INFERENCE_CHUNK_BYTES // per_sample))
         if step >= n:
             return self._forward_eager(x)
         return torch.cat([self._forward_eager(x[i:i + step]) for i in range(0, n, step)])

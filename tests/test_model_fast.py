@@ -134,7 +134,7 @@ def test_a_batch_in_inference_chunks_gives_the_whole_batch_result_in_float32(mon
     model.backbone.units[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     with torch.enable_grad():
         whole = model(x).detach()
-    per_sample = 3 * 16 * 8 * layout.num_nodes * 4  # K stacked conv3 outputs of width 16, float32
+    per_sample = 3 * 32 * 8 * layout.num_nodes * 4  # the 5th unit's K stacked conv3 outputs (width 2·16), float32
     monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", per_chunk * per_sample)
     with torch.no_grad():
         chunked = model(x)
