@@ -149,17 +149,25 @@ def serve(
     slots: int | None = typer.Option(None, "--parallel", min=1,
                                      help="Requests decoded together (default: settings llm.local_slots, or 4)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Serve the GGUF converted once to this ggml type (Q8_0, BF16, F16, Q4_0) or "
+        "'source' (default: settings llm.local_weights, Q8_0)."),
 ) -> None:
     """Run the local OpenAI-compatible llama-server in the foreground (Ctrl-C stops it)."""
     import subprocess
 
-    from gsp.llm.server import default_slots, server_command, smollm2_gguf_path
+    from gsp.llm.server import WEIGHT_TYPES, default_slots, served_weights, server_command, smollm2_gguf_path
     from gsp.settings import get_settings
 
+    settings = get_settings()
     path = model or smollm2_gguf_path()
     if not path.is_file():
         fail(f"--model {path}: GGUF model file not found")
-    slots = slots or get_settings().llm.local_slots or default_slots()
+    weights = weights or settings.llm.local_weights
+    if weights not in WEIGHT_TYPES:
+        fail(f"--weights {weights}: choose one of {', '.join(WEIGHT_TYPES)}")
+    path = served_weights(path, weights, settings.paths.cache / "llm")
+    slots = slots or settings.llm.local_slots or default_slots()
     cmd = server_command(path, port, ctx, threads=threads, slots=slots)
     err.print(f"serving {path.name} as 'smollm2' on http://127.0.0.1:{port}/v1 with {slots} slot(s) "
               f"(GSP_LLM_BASE_URL=http://127.0.0.1:{port}/v1 GSP_LLM_MODEL=smollm2 "

@@ -371,7 +371,8 @@ def llm_endpoint(settings: Settings) -> Iterator[tuple[Endpoint, int, bool]]:
         yield Endpoint(s.base_url, s.model, key, s.structured_output), s.concurrency, False
         return
     with local_llm_server(model_path=s.local_model_path, ctx=s.local_ctx, replicas=s.local_servers,
-                          slots=s.local_slots, log_dir=settings.paths.cache / "logs") as server:
+                          slots=s.local_slots, log_dir=settings.paths.cache / "logs",
+                          weights=s.local_weights, weights_dir=settings.paths.cache / "llm") as server:
         # json_object + schema: llama-server's grammar mode, sent without string upper bounds (grammar_safe).
         yield (Endpoint(server.base_url, server.model, None, s.local_structured_output, identity=server.identity,
                         max_tokens=s.local_max_tokens,

@@ -26,6 +26,7 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as _SourceError
 
 from gsp.errors import GspError, did_you_mean
+from gsp.llm.server import WeightType
 from gsp.llm.structured import StructuredMode
 
 #: The repository root (the package is installed editable from it).
@@ -296,6 +297,13 @@ class LLMSettings(_Section):
     price_input_per_mtok: float | None = Field(None, ge=0)
     price_output_per_mtok: float | None = Field(None, ge=0)
     local_model_path: Path | None = Field(None, description="GGUF for the embedded server; default SmolLM2.")
+    local_weights: WeightType = Field(
+        "Q8_0", description="ggml type the embedded GGUF is served as, converted once by llama-quantize into "
+        "<cache>/llm ('source': the file as it is). The SmolLM2 package ships Q4_1, for which llama.cpp's CPU "
+        "backend has no fast matrix kernels: as Q8_0 (the same weights to within rounding) the demo "
+        "vocabulary's descriptions took 92-100 s instead of 139-145 on 2 cores, with the same share of rows "
+        "failed (bench/local_llm.py). Q4_0 is faster still but a second lossy quantisation; BF16 is fast only "
+        "on CPUs with AVX512-BF16.")
     local_ctx: int = Field(4096, ge=512)
     local_structured_output: StructuredMode = Field(
         "json_object_schema", description="Structured-output mode sent to the embedded server. The default "
@@ -310,9 +318,9 @@ class LLMSettings(_Section):
         "re-asks rescued almost nothing (one re-ask each: 0 of 21 rejected Tb answers, 0 of 7 Tg; two: one "
         "more Tb text in 46) while being 40 % of the requests, each a full answer decoded on the CPU.")
     local_retrieval_k: int = Field(
-        2, ge=1, description="retrieval_k for the embedded model. Its time goes mostly into reading the "
-        "prompt (about 150 tokens/s per core against 85 decoded), and dictionary passages are most of "
-        "every prompt.")
+        2, ge=1, description="retrieval_k for the embedded model. Its time goes into reading the prompt "
+        "(about 420 tokens/s per core as Q8_0, 180 as the shipped Q4_1) and writing the answer (about 100), and "
+        "dictionary passages are most of every prompt.")
     local_max_tokens: int = Field(
         200, ge=16,
         description="Answer-length cap for the embedded model: a 135M model sometimes repeats itself "

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.generate import generate_descriptions
-from gsp.llm.server import LocalServerError, local_llm_server, server_command
+from gsp.llm.server import LocalServerError, local_llm_server, served_weights, server_command, smollm2_gguf_path
 from gsp.llm.structured import response_format
 from gsp.prompts import DescriptionOut, PartsOut, synonyms_model
 from gsp.quality import text_problem
@@ -60,6 +60,42 @@ def test_slots_answer_concurrent_schema_requests_together(tmp_path):
     assert launched_together > 1, events
 
 
+def test_weights_are_converted_once_and_served(tmp_path):
+    """Q8_0 (the default local_weights): llama-quantize writes the copy once into the weights folder,
+    the server loads that copy, and the cache identity names it, so answers of the shipped Q4_1 file
+    are never replayed as the copy's."""
+    weights_dir = tmp_path / "llm"
+    with local_llm_server(log_dir=tmp_path, replicas=1, slots=1, weights="Q8_0", weights_dir=weights_dir) as server:
+        copies = list(weights_dir.iterdir())
+        assert len(copies) == 1 and copies[0].name.endswith(".Q8_0.gguf"), copies
+        assert copies[0].name.startswith(smollm2_gguf_path().stem)
+        assert f"loading model '{copies[0]}'" in (tmp_path / "llama_server.log").read_text(errors="replace")
+        assert copies[0].name in server.identity
+        converted_identity = server.identity
+        answer = httpx.post(f"{server.base_url}/chat/completions", timeout=120, json={
+            "model": "smollm2", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello."}]}).raise_for_status().json()
+        assert answer["choices"][0]["message"]["content"].strip()
+    made = copies[0].stat().st_mtime_ns
+    assert served_weights(smollm2_gguf_path(), "Q8_0", weights_dir) == copies[0]
+    assert copies[0].stat().st_mtime_ns == made  # reused, not converted again
+    assert served_weights(smollm2_gguf_path(), "source", weights_dir) == smollm2_gguf_path()
+    with local_llm_server(log_dir=tmp_path / "source", replicas=1, slots=1) as server:
+        assert server.identity != converted_identity and smollm2_gguf_path().name in server.identity
+
+
+def test_a_gguf_that_cannot_be_converted_is_one_named_error_and_leaves_nothing(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    weights_dir = tmp_path / "llm"
+    with pytest.raises(LocalServerError, match=r"bad.gguf: llama-quantize could not convert it to Q8_0 \(.+\); "
+                       "set GSP_LLM_LOCAL_WEIGHTS=source"):
+        served_weights(bad, "Q8_0", weights_dir)
+    assert list(weights_dir.iterdir()) == []  # no half-written copy, no temp file
+    with pytest.raises(LocalServerError, match="unknown weight type 'Q3'"):
+        served_weights(bad, "Q3", weights_dir)
+
+
 def test_missing_model_file_is_one_named_error(tmp_path):
     missing = tmp_path / "nope.gguf"
     with pytest.raises(LocalServerError, match="nope.gguf: GGUF model file not found"):
@@ -81,6 +117,7 @@ def test_two_signs_p1_to_p4_with_smollm2(tmp_path, monkeypatch):
     assert m["local_server"] is True and m["model"] == "smollm2" and m["structured_output"] == "json_object_schema"
     assert m["endpoint"].startswith("http://127.0.0.1:")
     assert m["servers"] == 2
+    assert [p.name.endswith(".Q8_0.gguf") for p in (settings.paths.cache / "llm").iterdir()] == [True]
     logs = settings.paths.cache / "logs"
     for name in ("llama_server.log", "llama_server.1.log"):  # both replicas answered requests
         assert "total time" in (logs / name).read_text(errors="replace"), name
@@ -125,3 +162,10 @@ def test_llm_serve_with_a_missing_model_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: --model {tmp_path / 'nope.gguf'}: GGUF model file not found"], lines
+
+
+def test_llm_serve_with_an_unknown_weight_type_is_one_line_exit_2():
+    result = CliRunner().invoke(app, ["llm", "serve", "--weights", "Q3"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --weights Q3: choose one of source, Q8_0, BF16, F16, Q4_0"], lines

