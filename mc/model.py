@@ -242,29 +242,34 @@ class UnitGCN(nn.Module):
 
     def _factorized_product(self, rel: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """Σ_k of :meth:`CTRGC._forward_factorized` with the K subsets inside each contraction
-        (rel (N, K, R, V, V), x3 (N, K, C, T, V)): three contractions for the unit instead of
+        (rel (N, K, R, V, V) indexed [v, u] as :meth:`_relations` makes it, x3 (N, K, C, T, V)):
+        three contractions for the unit instead of
         three per subset, and the adjacency term one matmul over (k, v) together (the tiny
         preset's training step: 0.30–0.44 s against 0.33–0.50 in six interleaved processes)."""
         c, r = x3.shape[2], rel.shape[2]
         w = torch.stack([g.conv4.weight.view(c, r) for g in self.convs])  # K, C, R
-        refined = torch.einsum("kcr,nkrctu->nctu", w, torch.einsum("nkruv,nkctv->nkrctu", rel, x3))
+        refined = torch.einsum("kcr,nkrctu->nctu", w, torch.einsum("nkrvu,nkctv->nkrctu", rel, x3))
         if self.convs[0].conv4.bias is not None:
             b = torch.stack([g.conv4.bias for g in self.convs])  # K, C
             refined = refined + torch.einsum("kc,nkct->nct", b, x3.sum(-1)).unsqueeze(-1)
         return refined * self.alpha + torch.einsum("kuv,nkctv->nctu", self.PA, x3)
 
     def _relations(self, x: torch.Tensor) -> torch.Tensor:
-        """tanh(φ(x̄)_u − ψ(x̄)_v) of every subset, (N, K, R, V, V).
+        """tanh(φ(x̄)_u − ψ(x̄)_v) of every subset, (N, K, R, V, V), stored transposed: element
+        [..., v, u] holds the relation of joint u to joint v (the reference's [..., u, v]).
 
         conv1/conv2 are linear 1×1 convolutions, so their mean over frames is the convolution of
         the frame mean: one (2KR × C) product on (N, C, V) instead of 2K convolutions over all T
-        frames (the reference's costliest small convolutions at 87 joints)."""
+        frames (the reference's costliest small convolutions at 87 joints). Transposed, the
+        topology built from it is the right-hand operand of x3 @ topologyᵀ as it lies, so the
+        backward pass gets its gradient in that layout rather than copying the whole (N, K, C,
+        V, V) gradient out of a transposed view (1.5 s of a 12 s full-size training step)."""
         convs = self.convs
         k, r = len(convs), convs[0].conv1.out_channels
         w = torch.cat([m.weight.flatten(1) for g in convs for m in (g.conv1, g.conv2)])
         b = torch.cat([m.bias for g in convs for m in (g.conv1, g.conv2)])
         q = (torch.matmul(w, x.mean(2)) + b.unsqueeze(-1)).view(x.shape[0], k, 2, r, x.shape[-1])
-        return torch.tanh(q[:, :, 0].unsqueeze(-1) - q[:, :, 1].unsqueeze(-2))
+        return torch.tanh(q[:, :, 0].unsqueeze(-2) - q[:, :, 1].unsqueeze(-1))
 
     def _subset_features(self, x: torch.Tensor) -> torch.Tensor:
         """conv3 of every subset as one convolution over the stacked weights, (N, K, C, T, V)."""
@@ -300,15 +305,16 @@ class UnitGCN(nn.Module):
         w4 = torch.stack([g.conv4.weight.view(c, r) for g in self.convs]) * self.alpha
         b4 = torch.stack([g.conv4.bias for g in self.convs]).unsqueeze(-1) * self.alpha
         w_aug = torch.cat([w4, b4, torch.ones_like(b4)], dim=-1)  # K, C, R+2
-        consts = torch.cat([torch.ones_like(self.PA).unsqueeze(1), self.PA.unsqueeze(1)], dim=1)
+        pa_t = self.PA.transpose(-1, -2)  # the layout of rel: [v, u]
+        consts = torch.cat([torch.ones_like(pa_t).unsqueeze(1), pa_t.unsqueeze(1)], dim=1)
 
         def augmented(rel_i: torch.Tensor) -> torch.Tensor:  # (m, K, R+2, V·V)
             m = rel_i.shape[0]
             return torch.cat([rel_i, consts.unsqueeze(0).expand(m, -1, -1, -1, -1)], dim=2).view(m, k, r + 2, v * v)
 
         def product(rel_aug: torch.Tensor, x3_i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            topo = torch.matmul(w, rel_aug).view(x3_i.shape[0], k, w.shape[1], v, v)
-            return torch.matmul(x3_i, topo.transpose(-1, -2))  # (m, K, c, T, V), summed over K by the caller
+            topo_t = torch.matmul(w, rel_aug).view(x3_i.shape[0], k, w.shape[1], v, v)  # [v, u]
+            return torch.matmul(x3_i, topo_t)  # (m, K, c, T, V), summed over K by the caller
 
         # Traced graphs (torch.compile, torch.export for ONNX) take the batch whole too: a loop
         # over a dynamic batch would fix it to the example's size. So does an accelerator, whose
