@@ -18,6 +18,23 @@ from mc.evaluate import CHECKPOINT_KEYS, export_inference, load_inference
 from mc.keypoints import get_layout
 from mc.model import CTRGCNBackbone, GSPMCModel, UnitGCN, model_config_for, set_formulation
 
+
+class TopologyBuilds(torch.overrides.TorchFunctionMode):
+    """Records (samples, channels) of every topology built: the 4-D right operand of a
+    ``torch.matmul`` and the weights' channel count. A mode rather than a patched
+    ``torch.matmul``: with the module attribute patched (and restored) in an earlier test, the
+    compile test later in the same process failed inside inductor ("Cannot convert expression to
+    float") when this file ran on its own; a mode changes nothing global."""
+
+    def __init__(self):
+        super().__init__()
+        self.built: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.matmul and args[1].dim() == 4:
+            self.built.append((args[1].shape[0], args[0].shape[1]))
+        return func(*args, **(kwargs or {}))
+
 torch.set_num_threads(1)
 GSP = str(Path(sys.executable).with_name("gsp"))
 
@@ -90,22 +107,18 @@ def test_inference_runs_in_chunks_and_topology_blocks_with_the_same_result(monke
     x = torch.randn(3, 3, 8, layout.num_nodes, 1, dtype=torch.float64)
     monkeypatch.setattr(UnitGCN, "TOPOLOGY_BLOCK_BYTES", 1)
     monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", 1)
-    built = []  # (samples, channels) of each topology built: the 4-D operand of its matmul and the weights
-    matmul = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: (
-        b.dim() == 4 and built.append((b.shape[0], a.shape[1]))) or matmul(a, b, **kw))
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), TopologyBuilds() as topologies:
         fast = set_formulation(model, "fast")(x)
-        widths = [64] * 4 + [128] * 3 + [256] * 3
-        assert built == [(1, 1)] * (3 * sum(widths))  # every sample, unit and channel on its own
+    widths = [64] * 4 + [128] * 3 + [256] * 3
+    assert topologies.built == [(1, 1)] * (3 * sum(widths))  # every sample, unit and channel on its own
     with torch.enable_grad():  # the reference formulation, the batch whole
         reference = set_formulation(model, "reference")(x).detach()
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
-    built.clear()
     model.train()
-    set_formulation(model, "fast")(x)
-    assert built == [(3, c) for c in widths]
+    with TopologyBuilds() as topologies:
+        set_formulation(model, "fast")(x)
+    assert topologies.built == [(3, c) for c in widths]
 
 
 @pytest.mark.parametrize("per_chunk", [1, 2])
@@ -151,15 +164,11 @@ def test_inference_off_the_cpu_takes_the_batch_whole(monkeypatch):
     monkeypatch.setattr(CTRGCNBackbone, "INFERENCE_CHUNK_BYTES", 1)
     seen = []
     model.backbone.units[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
-    built = []
-    matmul = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: (
-        b.dim() == 4 and built.append((b.shape[0], a.shape[1]))) or matmul(a, b, **kw))
-    with torch.no_grad():
+    with torch.no_grad(), TopologyBuilds() as topologies:
         logits = model(torch.randn(3, 3, 8, layout.num_nodes, 1, device="meta"))
     assert logits.shape == (3, 5)
     assert seen == [3]
-    assert built == [(3, c) for c in [64] * 4 + [128] * 3 + [256] * 3]
+    assert topologies.built == [(3, c) for c in [64] * 4 + [128] * 3 + [256] * 3]
 
 
 def test_fast_equals_reference_in_float32_at_87_joints():
