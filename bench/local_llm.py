@@ -44,10 +44,12 @@ def describe_demo(weights: str, index_dir: Path, weights_dir: Path, work: Path) 
                         kb=base.kb.model_dump(), llm={**base.llm.model_dump(exclude={"api_key"}),
                                                       "base_url": None, "local_weights": weights},
                         mc=base.mc.model_dump())
-    settings.paths.cache.mkdir(parents=True, exist_ok=True)
-    (settings.paths.cache / "llm").symlink_to(weights_dir)  # converted once, shared by the repeats
+    if weights != "source":  # converted once, shared by the repeats
+        settings.paths.cache.mkdir(parents=True, exist_ok=True)
+        (settings.paths.cache / "llm").symlink_to(weights_dir)
     t1 = time.perf_counter()
-    run = generate_descriptions(DEMO_VOCAB, settings=settings, index_dir=index_dir)
+    # a run takes minutes: the same per-prompt progress bars as `gsp generate`
+    run = generate_descriptions(DEMO_VOCAB, settings=settings, index_dir=index_dir, progress=True)
     wall = time.perf_counter() - t1
     m = run.manifest
     rows = sum(c["rows"] for c in m["counts"].values())

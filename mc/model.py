@@ -243,9 +243,9 @@ class UnitGCN(nn.Module):
     def _factorized_product(self, rel: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """Σ_k of :meth:`CTRGC._forward_factorized` with the K subsets inside each contraction
         (rel (N, K, R, V, V) indexed [v, u] as :meth:`_relations` makes it, x3 (N, K, C, T, V)):
-        three contractions for the unit instead of
-        three per subset, and the adjacency term one matmul over (k, v) together (the tiny
-        preset's training step: 0.30–0.44 s against 0.33–0.50 in six interleaved processes)."""
+        three contractions for the unit instead of three per subset, and the adjacency term one
+        matmul over (k, v) together (the tiny preset's training step: 0.30–0.44 s against
+        0.33–0.50 in six interleaved processes)."""
         c, r = x3.shape[2], rel.shape[2]
         w = torch.stack([g.conv4.weight.view(c, r) for g in self.convs])  # K, C, R
         refined = torch.einsum("kcr,nkrctu->nctu", w, torch.einsum("nkrvu,nkctv->nkrctu", rel, x3))

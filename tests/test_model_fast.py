@@ -18,6 +18,9 @@ from mc.evaluate import CHECKPOINT_KEYS, export_inference, load_inference
 from mc.keypoints import get_layout
 from mc.model import CTRGCNBackbone, GSPMCModel, UnitGCN, model_config_for, set_formulation
 
+torch.set_num_threads(1)
+GSP = str(Path(sys.executable).with_name("gsp"))
+
 
 class TopologyBuilds(torch.overrides.TorchFunctionMode):
     """Records (samples, channels) of every topology built: the 4-D right operand of a
@@ -34,9 +37,6 @@ class TopologyBuilds(torch.overrides.TorchFunctionMode):
         if func is torch.matmul and args[1].dim() == 4:
             self.built.append((args[1].shape[0], args[0].shape[1]))
         return func(*args, **(kwargs or {}))
-
-torch.set_num_threads(1)
-GSP = str(Path(sys.executable).with_name("gsp"))
 
 
 def _randomised(model: GSPMCModel, seed: int) -> GSPMCModel:
