@@ -753,7 +753,11 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
     # Searches are serialised by the describer's lock, so one thread is enough (see search()).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval") as pool:
         describer.pool = pool
-        return await describer.describe_all(entries)
+        try:
+            return await describer.describe_all(entries)
+        finally:  # every answer this batch got is committed when it returns (the cache batches commits)
+            if client.cache is not None:
+                client.cache.flush()
 
 
 async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str,

@@ -10,13 +10,13 @@ files, the trainer and the review tools read them; both import this module.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gsp.atomic import atomic_path
@@ -92,27 +92,62 @@ class SchemaError(GspError, ValueError):
     """A description run breaks the artifact contract; the message names the file and row."""
 
 
+def validate_table(table: pa.Table, kind: str, source: str = "<rows>") -> None:
+    """Raise SchemaError naming ``source`` and the row/field that breaks the contract. Checked on
+    the arrow columns, so that writing a run needs no DataFrame (converting one was a third of
+    writing a run; bench/generate.py)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise SchemaError(f"{source}: missing columns {missing}")
+    kinds = table.column("kind")
+    bad = _first_true(pc.invert(pc.fill_null(pc.equal(kinds, pa.scalar(kind, kinds.type)), False)))
+    if bad is not None:
+        raise SchemaError(f"{source}: row {bad} has kind {kinds[bad].as_py()!r}, expected {kind!r}")
+    statuses = table.column("status")
+    bad = _first_true(pc.invert(pc.is_in(statuses, value_set=pa.array([STATUS_OK, STATUS_FAILED],
+                                                                        statuses.type))))
+    if bad is not None:
+        raise SchemaError(f"{source}: row {bad} has status {statuses[bad].as_py()!r}")
+    keys = table.column("key")
+    if len(pc.unique(keys)) < len(keys):
+        seen: set = set()
+        dup = next(k for k in keys.to_pylist() if k in seen or seen.add(k))
+        raise SchemaError(f"{source}: duplicate key {dup!r}")
+    if kind == "Tp":
+        _check_body_parts(table, source)
+
+
+def _check_body_parts(table: pa.Table, source: str) -> None:
+    parts = table.column("body_parts").combine_chunks()
+    if pa.types.is_null(parts.type):  # every row without parts
+        return
+    if not pa.types.is_list(parts.type):
+        raise SchemaError(f"{source}: body_parts holds {parts.type}, not lists of body parts")
+    flat = pc.list_flatten(parts)
+    bad = _first_true(pc.invert(pc.is_in(flat, value_set=pa.array(BODY_PARTS, flat.type))))
+    if bad is not None:
+        row = pc.list_parent_indices(parts)[bad].as_py()
+        unknown = set(parts[row].as_py()) - set(BODY_PARTS)
+        raise SchemaError(f"{source}: row {row} (key {table.column('key')[row].as_py()}) "
+                          f"has unknown body parts {sorted(unknown, key=str)}")
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    """The position of the first true value of ``mask``, or None."""
+    at = pc.index(mask, True).as_py()
+    return None if at < 0 else at
+
+
 def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
-    """Raise SchemaError naming ``source`` and the row/field that breaks the contract."""
+    """:func:`validate_table` for a DataFrame (row numbers are positions, as in its parquet file)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(f"{source}: missing columns {missing}")
-    bad_kind = df.index[df["kind"] != kind]
-    if len(bad_kind):
-        raise SchemaError(f"{source}: row {int(bad_kind[0])} has kind {df.loc[bad_kind[0], 'kind']!r}, "
-                          f"expected {kind!r}")
-    bad_status = df.index[~df["status"].isin([STATUS_OK, STATUS_FAILED])]
-    if len(bad_status):
-        raise SchemaError(f"{source}: row {int(bad_status[0])} has status {df.loc[bad_status[0], 'status']!r}")
-    if df["key"].duplicated().any():
-        dup = df.loc[df["key"].duplicated(), "key"].iloc[0]
-        raise SchemaError(f"{source}: duplicate key {dup!r}")
-    if kind == "Tp":
-        for i, parts in zip(df.index, df["body_parts"]):
-            unknown = set(parts if parts is not None else []) - set(BODY_PARTS)
-            if unknown:
-                raise SchemaError(f"{source}: row {int(i)} (key {df.loc[i, 'key']}) "
-                                  f"has unknown body parts {sorted(unknown)}")
+    try:
+        table = pa.Table.from_pandas(df[list(REQUIRED_COLUMNS)], preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise SchemaError(f"{source}: {str(exc).splitlines()[0]}") from None
+    validate_table(table, kind, source)
 
 
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -132,18 +167,21 @@ def rows_to_table(rows: Iterable[dict] | pd.DataFrame) -> pa.Table:
 
 
 def _plain_rows_to_table(rows: list[dict]) -> pa.Table:
-    # Straight to arrow: the generator's rows are plain Python values, and the detour through a
-    # DataFrame was two thirds of writing a run (28 of 45 ms at 3,500 rows; bench/generate.py).
+    # Straight to arrow, the dicts read by arrow's C++ converter: the generator's rows are plain
+    # Python values, and the detour through a DataFrame was two thirds of writing a run (28 of 45
+    # ms at 3,500 rows; bench/generate.py). A missing field is null; NaN is null as pandas has it.
     rows = sorted(rows, key=lambda r: r["key"])  # stable, as sort_rows
-    columns = {col: [r.get(col) for r in rows] for col in COLUMNS}
+    table = pa.Table.from_struct_array(pa.array(rows, type=_ROW_TYPE, from_pandas=True))
     for col in ("body_parts", "sources"):  # a missing list is an empty list, as in _frame_to_table
-        columns[col] = [v if v is not None else [] for v in columns[col]]
-    for col in _FLOAT_COLUMNS:  # NaN is pandas' None: null, as in _frame_to_table
-        columns[col] = [None if isinstance(v, float) and math.isnan(v) else v for v in columns[col]]
-    return pa.Table.from_pydict(columns, schema=DESCRIPTION_SCHEMA)
+        values = table.column(col)
+        if values.null_count:
+            empty = pa.scalar([], type=values.type)
+            table = table.set_column(table.schema.get_field_index(col), col,
+                                     pc.if_else(pc.is_null(values), empty, values))
+    return table
 
 
-_FLOAT_COLUMNS = tuple(f.name for f in DESCRIPTION_SCHEMA if pa.types.is_floating(f.type))
+_ROW_TYPE = pa.struct(list(DESCRIPTION_SCHEMA))
 
 
 def _frame_to_table(df: pd.DataFrame) -> pa.Table:
@@ -161,7 +199,7 @@ def _frame_to_table(df: pd.DataFrame) -> pa.Table:
 def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame) -> Path:
     """Validate and write ``<run_dir>/<kind>.parquet`` atomically."""
     table = rows_to_table(rows)
-    validate_rows(table.to_pandas(), kind, source=f"{run_dir}/{kind}.parquet")
+    validate_table(table, kind, source=f"{run_dir}/{kind}.parquet")
     target = Path(run_dir) / f"{kind}.parquet"
     with atomic_path(target, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
@@ -176,8 +214,8 @@ def read_kind(run_dir: Path, kind: str, ok_only: bool = False) -> pd.DataFrame:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{path}: not a readable parquet file: {exc}") from exc
+    validate_table(table, kind, source=str(path))
     df = table.to_pandas()
-    validate_rows(df, kind, source=str(path))
     for col in OPTIONAL_COLUMNS:  # missing in a run from before they existed; None, never NaN
         df[col] = df[col].astype(object).where(df[col].notna(), None) if col in df.columns else None
     if ok_only:

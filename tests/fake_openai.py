@@ -292,6 +292,13 @@ class FakeOpenAI:
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
+            def parse_request(self) -> bool:
+                # the request line is in: the stated latency counts from here, so that what this
+                # server spends parsing (serialised by the GIL under a burst of requests) is not
+                # added to it
+                self.arrived = time.monotonic()
+                return super().parse_request()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
@@ -312,8 +319,8 @@ class FakeOpenAI:
                 text = _all_text(body)
                 fault = server._pick_fault(digest, text)
                 kind = fault.kind if fault else None
-                if server.latency_s:
-                    time.sleep(server.latency_s)
+                if server.latency_s:  # the answer is due ``latency_s`` after the request came in
+                    time.sleep(max(0.0, self.arrived + server.latency_s - time.monotonic()))
                 if kind == "429":
                     server._record(digest, 429, None, kind, auth)
                     self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
