@@ -13,6 +13,7 @@ from gsp.schema import (
     read_kind,
     row_key,
     rows_to_table,
+    validate_rows,
     write_kind,
 )
 
@@ -58,11 +59,26 @@ def test_plain_rows_become_the_table_a_data_frame_becomes():
     assert rows_to_table(nan_temperature).column("temperature").to_pylist() == [None]
 
 def test_validation_names_the_bad_row(tmp_path):
-    with pytest.raises(SchemaError, match="unknown body parts"):
-        write_kind(tmp_path, "Tp", [_row(1, "Tp", body_parts=["left_hand", "elbow"])])
-    with pytest.raises(SchemaError, match="duplicate key"):
-        write_kind(tmp_path, "Tb", [_row(1, "Tb"), _row(1, "Tb")])
+    with pytest.raises(SchemaError, match=r"row 1 \(key 000002:Tp:00\) has unknown body parts \['elbow'\]"):
+        write_kind(tmp_path, "Tp", [_row(1, "Tp", body_parts=["face"]), _row(2, "Tp", body_parts=["left_hand", "elbow"])])
+    with pytest.raises(SchemaError, match="duplicate key '000001:Tb:00'"):
+        write_kind(tmp_path, "Tb", [_row(2, "Tb"), _row(1, "Tb"), _row(1, "Tb")])
+    with pytest.raises(SchemaError, match="row 1 has kind 'Tg', expected 'Tb'"):
+        write_kind(tmp_path, "Tb", [_row(1, "Tb"), {**_row(2, "Tb"), "kind": "Tg"}])
+    with pytest.raises(SchemaError, match="row 0 has kind None"):
+        write_kind(tmp_path, "Tb", [{**_row(1, "Tb"), "kind": None}])
+    with pytest.raises(SchemaError, match="row 1 has status 'done'"):
+        write_kind(tmp_path, "Tb", [_row(1, "Tb"), _row(2, "Tb", status="done")])
     assert not (tmp_path / "Tb.parquet").exists()  # nothing half-written
+
+
+def test_a_data_frame_is_checked_by_the_same_rules():
+    rows = [_row(1, "Tp", body_parts=["face"]), _row(2, "Tp", body_parts=None), _row(3, "Tp", body_parts=["knee"])]
+    with pytest.raises(SchemaError, match=r"f.parquet: row 2 \(key 000003:Tp:00\) has unknown body parts \['knee'\]"):
+        validate_rows(pd.DataFrame(rows), "Tp", source="f.parquet")
+    validate_rows(pd.DataFrame(rows[:2]), "Tp")  # a row without parts is fine
+    with pytest.raises(SchemaError, match=r"missing columns \['status'\]"):
+        validate_rows(pd.DataFrame(rows).drop(columns=["status"]), "Tp")
 
 
 def test_fingerprint_follows_content_not_metadata(tmp_path):
