@@ -5,7 +5,9 @@ plan, endpoint check, requests, writing the run) next to the ideal N·calls·lat
 ideal / wall), and apart from it the wall time of the requests alone (``describe_batch``: what the
 client decides) with its own efficiency; the wall time of a fully cached re-run; and the CPU the
 client and the server spent per request (process time / requests), so that a cost growing with the
-run's size shows as a growing figure between a small and a large run. Writes only to a temp folder.
+run's size shows as a growing figure between a small and a large run; and, as the floor the server
+and the machine leave, the wall time of as many bare POSTs at the same concurrency through the same
+HTTP carrier, with no pipeline around them ("bare s"). Writes only to a temp folder.
 
     .venv/bin/python bench/generate.py            # the standard rows (and their aims)
     .venv/bin/python bench/generate.py --vocab data/vocab/slr500.csv --signs 500 --concurrency 64 --latency 0.05
@@ -39,6 +41,7 @@ from gsp.generate import (  # noqa: E402
     prepare_run,
 )
 from gsp.llm.server import free_port, stop_process, wait_until_ready  # noqa: E402
+from gsp.llm.transport import PlainHttpTransport, json_body  # noqa: E402
 from gsp.settings import Settings  # noqa: E402
 
 CALLS_PER_SIGN = 4  # P1, P2, P3, P4
@@ -75,6 +78,7 @@ class Row:
     client_cpu_ms: float
     server_cpu_ms: float
     failed: int
+    bare_s: float
 
     @property
     def ideal_s(self) -> float:
@@ -103,6 +107,29 @@ def timed_run(config: Config, settings: Settings) -> tuple[RunResult, float, flo
     return run, time.perf_counter() - t0, requests_s
 
 
+def bare_requests(config: Config, base_url: str, requests: int) -> float:
+    """Wall time of ``requests`` POSTs at the run's concurrency with nothing around them: what the
+    fake server, the carrier and the machine allow (each a distinct ~1.3 KB body, as a run's are)."""
+    async def post_all() -> float:
+        transport = PlainHttpTransport(base_url, timeout_s=30)
+        slots = asyncio.Semaphore(config.concurrency)
+        schema = {"type": "object", "properties": {"description": {"type": "string"}}}
+
+        async def post(i: int) -> None:
+            body = json_body({"model": "fake-model", "max_tokens": 256, "messages": [
+                {"role": "user", "content": f"Sign: {i}\n" + "Describe the sign. " * 60}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}}})
+            async with slots:
+                await transport.post(body, {"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        try:
+            await asyncio.gather(*(post(i) for i in range(requests)))
+        finally:
+            await transport.aclose()
+        return time.perf_counter() - t0
+    return asyncio.run(post_all())
+
+
 def measure(config: Config) -> Row:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -121,24 +148,26 @@ def measure(config: Config) -> Row:
             t1 = time.perf_counter()
             cached = generate_descriptions(config.vocab, settings=settings, use_index=False, limit=config.signs)
             cached_wall = time.perf_counter() - t1
+        bare = bare_requests(config, base_url, run.manifest["requests"])
     finally:
         stop_process(server)
     if cached.manifest["requests"]:
         raise SystemExit(f"the cached re-run made {cached.manifest['requests']} request(s)")
     requests = run.manifest["requests"]
     return Row(config, run.manifest["vocabulary"]["signs_run"], requests, wall, requests_s, cached_wall,
-               1e3 * client_cpu / requests, 1e3 * server_cpu / requests, run.failed + cached.failed)
+               1e3 * client_cpu / requests, 1e3 * server_cpu / requests, run.failed + cached.failed, bare)
 
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'vocab':<11} {'signs':>5} {'conc':>4} {'latency':>7} {'requests':>8} {'ideal s':>7} {'wall s':>7} "
           f"{'efficiency':>10} {'requests s':>10} {'req. eff.':>9} {'cached s':>8} {'client CPU ms/req':>17} "
-          f"{'server CPU ms/req':>17} {'failed':>6}  aim")
+          f"{'server CPU ms/req':>17} {'bare s':>6} {'bare eff.':>9} {'failed':>6}  aim")
     for r in rows:
         c = r.config
         print(f"{c.vocab.name:<11} {r.signs:>5} {c.concurrency:>4} {c.latency:>7.3f} {r.requests:>8} {r.ideal_s:>7.2f} "
               f"{r.wall_s:>7.2f} {r.ideal_s / r.wall_s:>10.2f} {r.requests_s:>10.2f} {r.ideal_s / r.requests_s:>9.2f} "
-              f"{r.cached_s:>8.2f} {r.client_cpu_ms:>17.2f} {r.server_cpu_ms:>17.2f} {r.failed:>6}  {c.aim}")
+              f"{r.cached_s:>8.2f} {r.client_cpu_ms:>17.2f} {r.server_cpu_ms:>17.2f} {r.bare_s:>6.2f} "
+              f"{r.ideal_s / r.bare_s:>9.2f} {r.failed:>6}  {c.aim}")
 
 
 def main() -> None:
