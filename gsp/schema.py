@@ -99,11 +99,11 @@ def validate_table(table: pa.Table, kind: str, source: str = "<rows>") -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise SchemaError(f"{source}: missing columns {missing}")
-    kinds = table.column("kind")
+    kinds = _text_column(table, "kind", source)
     bad = _first_true(pc.invert(pc.fill_null(pc.equal(kinds, pa.scalar(kind, kinds.type)), False)))
     if bad is not None:
         raise SchemaError(f"{source}: row {bad} has kind {kinds[bad].as_py()!r}, expected {kind!r}")
-    statuses = table.column("status")
+    statuses = _text_column(table, "status", source)
     bad = _first_true(pc.invert(pc.is_in(statuses, value_set=pa.array([STATUS_OK, STATUS_FAILED],
                                                                         statuses.type))))
     if bad is not None:
@@ -130,6 +130,18 @@ def _check_body_parts(table: pa.Table, source: str) -> None:
         unknown = set(parts[row].as_py()) - set(BODY_PARTS)
         raise SchemaError(f"{source}: row {row} (key {table.column('key')[row].as_py()}) "
                           f"has unknown body parts {sorted(unknown, key=str)}")
+
+
+def _text_column(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
+    """Column ``name`` as plain strings (from a category or all-null column too), or SchemaError."""
+    values = table.column(name)
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if pa.types.is_null(values.type):
+        values = values.cast(pa.string())
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise SchemaError(f"{source}: column {name} holds {values.type}, not text")
+    return values
 
 
 def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:

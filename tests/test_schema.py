@@ -60,7 +60,8 @@ def test_plain_rows_become_the_table_a_data_frame_becomes():
 
 def test_validation_names_the_bad_row(tmp_path):
     with pytest.raises(SchemaError, match=r"row 1 \(key 000002:Tp:00\) has unknown body parts \['elbow'\]"):
-        write_kind(tmp_path, "Tp", [_row(1, "Tp", body_parts=["face"]), _row(2, "Tp", body_parts=["left_hand", "elbow"])])
+        write_kind(tmp_path, "Tp", [_row(1, "Tp", body_parts=["face"]),
+                                    _row(2, "Tp", body_parts=["left_hand", "elbow"])])
     with pytest.raises(SchemaError, match="duplicate key '000001:Tb:00'"):
         write_kind(tmp_path, "Tb", [_row(2, "Tb"), _row(1, "Tb"), _row(1, "Tb")])
     with pytest.raises(SchemaError, match="row 1 has kind 'Tg', expected 'Tb'"):
@@ -79,6 +80,11 @@ def test_a_data_frame_is_checked_by_the_same_rules():
     validate_rows(pd.DataFrame(rows[:2]), "Tp")  # a row without parts is fine
     with pytest.raises(SchemaError, match=r"missing columns \['status'\]"):
         validate_rows(pd.DataFrame(rows).drop(columns=["status"]), "Tp")
+    with pytest.raises(SchemaError, match="f.parquet: column kind holds int64, not text"):
+        validate_rows(pd.DataFrame(rows).assign(kind=7), "Tp", source="f.parquet")
+    with pytest.raises(SchemaError, match="row 0 has status None"):
+        validate_rows(pd.DataFrame(rows).assign(status=None), "Tp")
+    validate_rows(pd.DataFrame(rows[:2]).astype({"kind": "category", "status": "category"}), "Tp")
 
 
 def test_fingerprint_follows_content_not_metadata(tmp_path):
