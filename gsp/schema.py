@@ -99,6 +99,14 @@ def validate_table(table: pa.Table, kind: str, source: str = "<rows>") -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise SchemaError(f"{source}: missing columns {missing}")
+    _check_values(table, kind, source)
+
+
+#: The columns whose values the contract checks (the others only have to exist).
+_CHECKED_COLUMNS = ("key", "kind", "status", "body_parts")
+
+
+def _check_values(table: pa.Table, kind: str, source: str) -> None:
     kinds = _text_column(table, "kind", source)
     bad = _first_true(pc.invert(pc.fill_null(pc.equal(kinds, pa.scalar(kind, kinds.type)), False)))
     if bad is not None:
@@ -156,10 +164,10 @@ def validate_rows(df: pd.DataFrame, kind: str, source: str = "<rows>") -> None:
     if missing:
         raise SchemaError(f"{source}: missing columns {missing}")
     try:
-        table = pa.Table.from_pandas(df[list(REQUIRED_COLUMNS)], preserve_index=False)
+        table = pa.Table.from_pandas(df[list(_CHECKED_COLUMNS)], preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise SchemaError(f"{source}: {str(exc).splitlines()[0]}") from None
-    validate_table(table, kind, source)
+    _check_values(table, kind, source)
 
 
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
