@@ -120,7 +120,9 @@ def bare_requests(config: Config, base_url: str, requests: int) -> float:
                 {"role": "user", "content": f"Sign: {i}\n" + "Describe the sign. " * 60}],
                 "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}}})
             async with slots:
-                await transport.post(body, {"Content-Type": "application/json"})
+                answer = await transport.post(body, {"Content-Type": "application/json"})
+            if answer.status != 200:  # a floor of error answers would be no floor
+                raise SystemExit(f"bare POST {i}: HTTP {answer.status} from the fake server")
         t0 = time.perf_counter()
         try:
             await asyncio.gather(*(post(i) for i in range(requests)))
