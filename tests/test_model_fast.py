@@ -121,6 +121,56 @@ def test_inference_runs_in_chunks_and_topology_blocks_with_the_same_result(monke
     assert topologies.built == [(3, c) for c in widths]
 
 
+class Convolutions(torch.overrides.TorchFunctionMode):
+    """Records the kernel size of every ``conv2d`` and counts the max-pool calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[tuple[int, int]] = []
+        self.max_pools = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d:
+            self.kernels.append(tuple(args[1].shape[2:]))
+        if func in (torch.nn.functional.max_pool2d, torch.max_pool2d):
+            self.max_pools += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_inference_folds_batch_norm_and_runs_pointwise_products_with_the_same_result():
+    """In eval mode without autograd on the CPU, every BatchNorm after a convolution is folded into
+    it, the 1×1 convolutions (stacked conv3, the temporal branches' heads, the residual and down
+    projections, at stride 1 and 2) run as matrix products and the max-pool as shifted maxima; with
+    every BatchNorm's statistics and affine weights random, the logits are still the reference
+    formulation's, and with autograd on the same eval-mode model takes the convolutions."""
+    layout = get_layout("base27")
+    cfg = model_config_for(layout, num_classes=5, base_channels=16)
+    cfg.num_persons, cfg.stride_units = 2, (2, 9)
+    model = _randomised(GSPMCModel(cfg).double(), seed=6)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                for t, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3), (m.running_mean, -0.3, 0.3),
+                                     (m.running_var, 0.5, 1.5)):
+                    t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * (high - low) + low)
+    model.eval()
+    x = torch.randn(3, 3, 8, layout.num_nodes, 2, dtype=torch.float64)
+    with torch.no_grad(), Convolutions() as fast_calls:
+        fast = set_formulation(model, "fast")(x)
+    with torch.no_grad(), Convolutions() as reference_calls:
+        reference = set_formulation(model, "reference")(x)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-10 * reference.abs().max().item())
+    # only the dilated 5×1 temporal convolutions stay convolutions (two branches, ten units, per chunk)
+    assert fast_calls.kernels and set(fast_calls.kernels) == {(5, 1)}
+    assert fast_calls.max_pools == 0
+    assert (1, 1) in reference_calls.kernels and reference_calls.max_pools == 10
+    with Convolutions() as eval_with_autograd:
+        torch.testing.assert_close(set_formulation(model, "fast")(x).detach(), fast, rtol=0,
+                                   atol=1e-10 * reference.abs().max().item())
+    assert (1, 1) in eval_with_autograd.kernels and eval_with_autograd.max_pools == 10
+
+
 @pytest.mark.parametrize("per_chunk", [1, 2])
 def test_a_batch_in_inference_chunks_gives_the_whole_batch_result_in_float32(monkeypatch, per_chunk):
     """At 87 joints in float32 the eval-mode batch in chunks (the first unit sees them) equals the
