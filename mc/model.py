@@ -112,7 +112,7 @@ def conv_bn_folded(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tupl
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """A 1×1 convolution with temporal stride ``stride``, as one (C_out × C_in)·(C_in × T·V)
-    matrix product per sample.
+    matrix product per sample, written into one output tensor (so without autograd).
 
     By hand because on the CPU oneDNN reorders an NCHW input into its blocked layout and the
     output back, through buffers it maps afresh at each call: at 87 joints the stacked conv3 of a
