@@ -7,10 +7,10 @@ backward and of inference, for the reference formulation (the reference CTR-GCN'
 bfloat16 autocast on the CPU (``amp="on"`` in training). Each ratio is against the reference in
 eager float32. Variants are timed interleaved (one iteration of each in turn), so background load
 hits them alike; the median of ``--iters`` iterations is shown (inference: ``INFER_REPEATS`` per
-training round), and each ratio is the median of
-the rounds' own ratios (a variant's time over the reference's in the same round: this machine's
-speed drifts by up to a third for tens of seconds at a time, and a round's variants run within
-seconds of each other).
+training round), and each ratio is the median of the rounds' own ratios (a variant's time over
+the reference's in the same round: this machine's speed drifts by up to a third for tens of
+seconds at a time, and a round's variants run within seconds of each other). A progress bar
+(gone when done) counts the warm-ups and rounds.
 
 ``--fresh N`` times instead inference alone in a fresh process (what ``gsp eval`` and ``gsp
 predict`` do once per call, and what a process that only serves the model keeps doing): N rounds
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mc.keypoints import DEFAULT_KEYPOINT_SET, get_layout
 from mc.model import SkeletonClassifier, compile_backbone, model_config_for, set_formulation
@@ -89,18 +90,28 @@ def variants(model: SkeletonClassifier, compile_: bool, bf16: bool) -> dict[str,
 INFER_REPEATS = 3
 
 
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
 def measure(runs: dict[str, tuple[torch.nn.Module, bool]], x: torch.Tensor, iters: int) -> dict[str, dict]:
     """Per variant and kind (training, inference): the median seconds per iteration, and the median
     over rounds of its time relative to the first variant's in the same round; interleaved."""
     times = {name: {"train": [], "infer": []} for name in runs}
-    for module, bf16 in runs.values():  # warm-up (and compilation) outside the timing
-        train_iteration(module, x, bf16)
-        infer_iteration(module, x, bf16)
-    for _ in range(iters):
-        for kind, step, repeats in (("train", train_iteration, 1), ("infer", infer_iteration, INFER_REPEATS)):
-            for _ in range(repeats):
-                for name, (module, bf16) in runs.items():
-                    times[name][kind].append(_timed(step, module, x, bf16))
+    with _progress() as bar:  # a full-size run takes minutes (compiling alone 2-4)
+        task = bar.add_task("warm-up and compilation", total=len(runs) + iters)
+        for module, bf16 in runs.values():  # outside the timing
+            train_iteration(module, x, bf16)
+            infer_iteration(module, x, bf16)
+            bar.advance(task)
+        bar.update(task, description="timed rounds")
+        for _ in range(iters):
+            for kind, step, repeats in (("train", train_iteration, 1), ("infer", infer_iteration, INFER_REPEATS)):
+                for _ in range(repeats):
+                    for name, (module, bf16) in runs.items():
+                        times[name][kind].append(_timed(step, module, x, bf16))
+            bar.advance(task)
     base = times[next(iter(runs))]
     return {name: {**{k: statistics.median(v) for k, v in t.items()},
                    **{f"{k}_ratio": statistics.median(a / b for a, b in zip(v, base[k])) for k, v in t.items()}}
@@ -131,15 +142,18 @@ def measure_fresh(args: argparse.Namespace) -> dict[str, dict]:
     """Medians over ``args.fresh`` rounds of :func:`fresh_inference`, one subprocess per
     formulation and round, the formulations alternating."""
     runs: dict[str, list[dict]] = {name: [] for name in ("reference", "fast")}
-    for _ in range(args.fresh):
-        for name, results in runs.items():
-            command = [sys.executable, __file__, "--one-fresh", name, "--batch", str(args.batch), "--frames",
-                       str(args.frames), "--channels", str(args.channels), "--layout", args.layout,
-                       "--iters", str(args.iters)]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+    with _progress() as bar:
+        task = bar.add_task("fresh processes", total=args.fresh * len(runs))
+        for _ in range(args.fresh):
+            for name, results in runs.items():
+                command = [sys.executable, __file__, "--one-fresh", name, "--batch", str(args.batch), "--frames",
+                           str(args.frames), "--channels", str(args.channels), "--layout", args.layout,
+                           "--iters", str(args.iters)]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                results.append(json.loads(out.strip().splitlines()[-1]))
+                bar.advance(task)
     return {name: {k: statistics.median(r[k] for r in results) for k in results[0]} for name, results in runs.items()}
 
 
