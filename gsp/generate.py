@@ -33,12 +33,13 @@ import itertools
 import logging
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -753,11 +754,18 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
     # Searches are serialised by the describer's lock, so one thread is enough (see search()).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval") as pool:
         describer.pool = pool
+        # Every answer this batch got is committed when it returns (the cache batches commits),
+        # also when it fails; then the batch's own error is the one reported, not the flush's.
         try:
-            return await describer.describe_all(entries)
-        finally:  # every answer this batch got is committed when it returns (the cache batches commits)
+            result = await describer.describe_all(entries)
+        except BaseException:
             if client.cache is not None:
-                client.cache.flush()
+                with suppress(sqlite3.Error, OSError):
+                    client.cache.flush()
+            raise
+        if client.cache is not None:
+            client.cache.flush()
+        return result
 
 
 async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str,

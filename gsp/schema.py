@@ -129,9 +129,10 @@ def _check_body_parts(table: pa.Table, source: str) -> None:
     parts = table.column("body_parts").combine_chunks()
     if pa.types.is_null(parts.type):  # every row without parts
         return
-    if not pa.types.is_list(parts.type):
+    if not pa.types.is_list(parts.type) or not (pa.types.is_string(parts.type.value_type)
+                                                or pa.types.is_null(parts.type.value_type)):
         raise SchemaError(f"{source}: body_parts holds {parts.type}, not lists of body parts")
-    flat = pc.list_flatten(parts)
+    flat = pc.list_flatten(parts).cast(pa.string())
     bad = _first_true(pc.invert(pc.is_in(flat, value_set=pa.array(BODY_PARTS, flat.type))))
     if bad is not None:
         row = pc.list_parent_indices(parts)[bad].as_py()

@@ -85,6 +85,9 @@ def test_a_data_frame_is_checked_by_the_same_rules():
     with pytest.raises(SchemaError, match="row 0 has status None"):
         validate_rows(pd.DataFrame(rows).assign(status=None), "Tp")
     validate_rows(pd.DataFrame(rows[:2]).astype({"kind": "category", "status": "category"}), "Tp")
+    with pytest.raises(SchemaError, match=r"f.parquet: body_parts holds list<item: int64>, not lists of body parts"):
+        validate_rows(pd.DataFrame([_row(1, "Tp", body_parts=[3, 4])]), "Tp", source="f.parquet")
+    validate_rows(pd.DataFrame([_row(1, "Tp", body_parts=[])]), "Tp")  # lists that are all empty
 
 
 def test_fingerprint_follows_content_not_metadata(tmp_path):
