@@ -89,8 +89,34 @@ def write_text_atomic(target: Path | str, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The project's JSON files: indented, non-ASCII kept as is, a final newline."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+
+
 def write_json_atomic(target: Path | str, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    write_text_atomic(target, json_text(obj))
+
+
+def publish_staged_folder(staging: Path | str, target: Path | str) -> None:
+    """Make the files written straight into ``staging`` durable, then publish the folder as
+    ``target`` (which must not exist) with one rename.
+
+    Inside a staging folder no reader looks, so a file there needs no temp file and rename of its
+    own: the folder's rename makes all of them appear at once. Each file is fsynced before it, so a
+    power cut after the rename cannot leave a published folder with an empty file. (The per-file
+    atomic writes cost 1.5-2 ms a file here: mkstemp, chmod, replace and a folder fsync each.)"""
+    staging, target = Path(staging), Path(target)
+    for path in staging.iterdir():
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(staging)
+    os.rename(staging, target)
+    _fsync_dir(target.parent)
 
 
 def sha256_file(path: Path | str) -> str:

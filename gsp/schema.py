@@ -217,11 +217,15 @@ def _frame_to_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df, schema=DESCRIPTION_SCHEMA, preserve_index=False)
 
 
-def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame) -> Path:
-    """Validate and write ``<run_dir>/<kind>.parquet`` atomically."""
+def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame, *, staged: bool = False) -> Path:
+    """Validate and write ``<run_dir>/<kind>.parquet``: atomically, or with ``staged`` straight
+    into ``run_dir``, a staging folder that :func:`gsp.atomic.publish_staged_folder` publishes."""
     table = rows_to_table(rows)
     validate_table(table, kind, source=f"{run_dir}/{kind}.parquet")
     target = Path(run_dir) / f"{kind}.parquet"
+    if staged:
+        pq.write_table(table, target)
+        return target
     with atomic_path(target, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
     return target

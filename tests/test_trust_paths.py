@@ -345,3 +345,31 @@ def test_atomic_artifacts_get_the_umask_mode_and_keep_a_replaced_files_mode(tmp_
     os.chmod(kept, 0o604)
     write_json_atomic(kept, {"b": 2})
     assert kept.stat().st_mode & 0o777 == 0o604 and json.loads(kept.read_text()) == {"b": 2}
+
+
+def test_a_description_run_is_published_whole_with_the_umask_mode_and_no_debris(tmp_path):
+    """The run's files are written straight into a staging folder and published by one rename
+    (gsp.atomic.publish_staged_folder): no per-file temp file may be left, and the files get the
+    mode a plain open() gives, not mkstemp's 0600."""
+    from fake_openai import FakeOpenAI
+
+    code = ("import os, sys; from pathlib import Path; os.umask(0o027)\n"
+            "from gsp.generate import generate_descriptions\nfrom gsp.settings import Settings\n"
+            "settings = Settings(paths={'artifacts_dir': Path(sys.argv[2])}, llm={'base_url': sys.argv[1],"
+            " 'model': 'fake', 'structured_output': 'json_schema'})\n"
+            "run = generate_descriptions(Path('data/vocab/autsl.csv'), settings=settings, use_index=False, limit=3)\n"
+            "print(run.run_dir)")
+    with FakeOpenAI() as srv:
+        done = subprocess.run([sys.executable, "-c", code, srv.base_url, str(tmp_path / "artifacts")],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["Tb.parquet", "Tg.parquet", "Tp.parquet", "Ts.parquet",
+                                                         "manifest.json"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()} == dict.fromkeys(
+        ["Tb.parquet", "Tg.parquet", "Tp.parquet", "Ts.parquet", "manifest.json"], 0o640)
+    leftovers = [p.name for p in run_dir.parent.iterdir() if p.name.startswith(".") and "partial" in p.name
+                 or p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert (run_dir.parent / "LATEST").read_text().strip() == run_dir.name
+    assert json.loads((run_dir / "manifest.json").read_text())["counts"]["Tb"]["ok"] == 3
