@@ -513,10 +513,6 @@ def answer_texts(parsed: Any) -> list[str]:
     return [part.text for part in parsed.parts]
 
 
-#: Signs described at a time per request slot (see :meth:`SignDescriber.describe_all`).
-SIGNS_PER_SLOT = 2
-
-
 class SignDescriber:
     """Runs P1–P4 for signs with one client and one retriever (all on one event loop)."""
 
@@ -751,22 +747,13 @@ class SignDescriber:
                                            sources, body_parts=parts, with_tokens=i == 0, note=note))
 
     async def describe_all(self, entries: Sequence[VocabEntry]) -> BatchResult:
-        """Every sign of ``entries``, at most :data:`SIGNS_PER_SLOT` per request slot at a time.
-
-        Not one task per sign: each started sign renders, hashes and looks its first request up
-        in the cache before the loop gets to send anything, so starting all of them at once kept
-        the first request back by ~15 µs a sign (8 ms at 500 signs, growing with the run). A sign
-        has one or two requests waiting at any time, so this many keep every slot busy."""
+        # Every sign at once: the slots take their requests first come, first served, so all P1s
+        # go first and the run ends on a queue of P2-P4s that keeps the slots busy. Admitting signs
+        # as slots freed up saved ~5 µs a sign of start-up but starved the slots at the end (AUTSL
+        # at C=16, 200 ms: efficiency 0.98 -> 0.94; bench/generate.py).
         out = BatchResult()
         self._busy = out.busy_s
-        todo = iter(entries)
-
-        async def worker() -> None:
-            for entry in todo:
-                await self.describe(entry, out)
-
-        workers = min(len(entries), SIGNS_PER_SLOT * self.client.concurrency)
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        await asyncio.gather(*(self.describe(e, out) for e in entries))
         return out
 
 

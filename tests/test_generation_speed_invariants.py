@@ -309,27 +309,6 @@ def test_a_generation_session_freezes_what_existed_before_it_and_unfreezes_after
     assert gc.get_freeze_count() == 0
 
 
-def test_signs_start_as_slots_free_up_not_all_at_once(tmp_path):
-    """describe_all keeps SIGNS_PER_SLOT signs per request slot in progress (each started sign
-    prepares its first request before the loop sends anything, so starting all of them at once
-    held the first request back by a cost that grew with the run). With one slot and two signs a
-    slot, no more than two signs may have asked and not yet finished at any point."""
-    from gsp.generate import SIGNS_PER_SLOT, generate_descriptions
-    from gsp.settings import Settings
-
-    with FakeOpenAI() as srv:
-        settings = Settings(paths={"artifacts_dir": tmp_path}, llm={
-            "base_url": srv.base_url, "model": "fake", "structured_output": "json_schema", "concurrency": 1})
-        run = generate_descriptions(PROJECT_ROOT / "data" / "vocab" / "autsl.csv", settings=settings,
-                                    use_index=False, limit=6)
-        signs = [srv.bodies[r.body_hash]["messages"][-1]["content"].splitlines()[0] for r in srv.records]
-    assert run.failed == 0 and len(signs) == 24 and len(set(signs)) == 6
-    first = {s: signs.index(s) for s in set(signs)}
-    last = {s: len(signs) - 1 - signs[::-1].index(s) for s in set(signs)}
-    in_progress = [sum(first[s] <= i <= last[s] for s in first) for i in range(len(signs))]
-    assert max(in_progress) == SIGNS_PER_SLOT * 1, in_progress
-
-
 def test_the_output_schemas_in_every_request_keep_their_bytes():
     """Every request carries its output schema twice (in the prompt and as the response format),
     so both are part of the cache key: if they changed (a pydantic upgrade, building them once per

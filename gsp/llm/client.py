@@ -462,8 +462,7 @@ class LLMClient:
                                              for url in (endpoint.base_url, *endpoint.replicas)]
         self._headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self._in_flight = [0] * len(self._transports)
-        self.concurrency = concurrency or settings.concurrency  # requests in flight at most
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._slots = asyncio.Semaphore(concurrency or settings.concurrency)
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
         self.breaker = CircuitBreaker(settings.breaker_window, settings.breaker_failure_share)
