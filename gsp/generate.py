@@ -768,6 +768,7 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
         # Every answer this batch got is committed when it returns (the cache batches commits),
         # also when it fails; then the batch's own error is the one reported, not the flush's.
         try:
+            await client.open_connections(len(entries))  # each sign's first request comes at once
             result = await describer.describe_all(entries)
         except BaseException:
             if client.cache is not None:

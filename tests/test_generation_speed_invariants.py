@@ -17,6 +17,7 @@ from fake_openai import FakeOpenAI, Fault, client_env
 
 from gsp.llm.cache import COMMIT_INTERVAL_S, ResponseCache
 from gsp.llm.client import UnparseableResponse, attempt_cause, completion_fields, describe_error
+from gsp.llm.server import free_port
 from gsp.llm.transport import (
     HTTPStatusError,
     HttpxTransport,
@@ -61,6 +62,42 @@ def test_both_carriers_answer_alike_and_keep_the_connection_alive(carrier):
         assert srv.connections == 1  # six requests in turn, one kept-alive connection
         assert all(r.authorization == "Bearer sk-t" for r in srv.records)
 
+
+
+def test_connections_opened_ahead_carry_the_first_wave_and_a_dead_port_is_left_to_the_requests():
+    """A run opens its first wave's connections before it prepares the signs' requests (see
+    PlainHttpTransport.open_connections): the wave's requests then find them idle and open none."""
+    with FakeOpenAI(latency_s=0.05) as srv:
+        transport = PlainHttpTransport(srv.base_url, 5.0)
+
+        async def accepted(wait_s):  # the server accepts in its own thread, after the handshake
+            deadline = time.monotonic() + wait_s
+            while srv.connections < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return srv.connections
+
+        async def wave():
+            try:
+                await transport.open_connections(4)
+                opened = await accepted(2.0)
+                await transport.open_connections(4)  # four are idle: none more
+                await asyncio.sleep(0.2)
+                again = srv.connections
+                bodies = [json_body({"messages": [{"role": "user", "content": f"Sign: s{i}"}]}) for i in range(4)]
+                answers = await asyncio.gather(*(transport.post(b, {}) for b in bodies))
+                return opened, again, [a.status for a in answers], srv.connections
+            finally:
+                await transport.aclose()
+        opened, again, statuses, after = asyncio.run(wave())
+    assert (opened, again, statuses, after) == (4, 4, [200] * 4, 4)
+
+    dead = PlainHttpTransport(f"http://127.0.0.1:{free_port()}/v1", 1.0)
+
+    async def nothing_listens():
+        await dead.open_connections(3)  # no error here: the request that needs one reports it
+        with pytest.raises(TransportError):
+            await dead.post(BODY, {})
+    asyncio.run(nothing_listens())
 
 @pytest.mark.parametrize("carrier", CARRIERS)
 def test_both_carriers_fail_alike(carrier):

@@ -462,7 +462,8 @@ class LLMClient:
                                              for url in (endpoint.base_url, *endpoint.replicas)]
         self._headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self._in_flight = [0] * len(self._transports)
-        self._slots = asyncio.Semaphore(concurrency or settings.concurrency)
+        self._concurrency = concurrency or settings.concurrency
+        self._slots = asyncio.Semaphore(self._concurrency)
         self._rpm = self._request_limiter(settings.requests_per_minute)
         self._tpm = AsyncLimiter(settings.tokens_per_minute, 60) if settings.tokens_per_minute else None
         self.breaker = CircuitBreaker(settings.breaker_window, settings.breaker_failure_share)
@@ -513,6 +514,13 @@ class LLMClient:
         """Passages to retrieve for a sign's gloss for this endpoint: its own, else the settings'."""
         own = self.endpoint.passages
         return self.settings.retrieval_k if own is None else own
+
+    async def open_connections(self, requests: int) -> None:
+        """Connections for the first ``requests`` requests (at most the concurrency), opened
+        together and spread over the replicas as the requests will be."""
+        count = min(requests, self._concurrency)
+        share = -(-count // len(self._transports))
+        await asyncio.gather(*(t.open_connections(share) for t in self._transports))
 
     async def aclose(self) -> None:
         for transport in self._transports:
