@@ -749,8 +749,9 @@ class SignDescriber:
     async def describe_all(self, entries: Sequence[VocabEntry]) -> BatchResult:
         # Every sign at once: the slots take their requests first come, first served, so all P1s
         # go first and the run ends on a queue of P2-P4s that keeps the slots busy. Admitting signs
-        # as slots freed up saved ~5 µs a sign of start-up but starved the slots at the end (AUTSL
-        # at C=16, 200 ms: efficiency 0.98 -> 0.94; bench/generate.py).
+        # as slots freed up starved the slots at the end (AUTSL at C=16, 200 ms: efficiency 0.98 ->
+        # 0.94; bench/generate.py); the first wave leaves early because describe_batch opened its
+        # connections before this prepares every sign's first request.
         out = BatchResult()
         self._busy = out.busy_s
         await asyncio.gather(*(self.describe(e, out) for e in entries))
