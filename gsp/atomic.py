@@ -26,6 +26,14 @@ from typing import Any
 from gsp.errors import GspError
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -66,8 +74,7 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        _fsync_file(tmp)
         try:
             mode = target.stat().st_mode & 0o7777
         except OSError:
@@ -109,11 +116,7 @@ def publish_staged_folder(staging: Path | str, target: Path | str) -> None:
     staging, target = Path(staging), Path(target)
     for path in staging.iterdir():
         if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(path)
     _fsync_dir(staging)
     os.rename(staging, target)
     _fsync_dir(target.parent)
