@@ -99,6 +99,49 @@ def test_connections_opened_ahead_carry_the_first_wave_and_a_dead_port_is_left_t
             await dead.post(BODY, {})
     asyncio.run(nothing_listens())
 
+
+def test_opening_connections_ahead_gives_up_after_the_endpoint_checks_time(tmp_path):
+    """A host that took the endpoint check and then stops completing connections (here: a socket
+    whose accept queue is full, so the kernel drops the handshake) must not hold a batch's start
+    for a request's time limit: the client opens its connections within preflight_timeout_s and
+    leaves the rest to the requests."""
+    import socket
+
+    from gsp.llm.client import Endpoint, LLMClient
+    from gsp.settings import LLMSettings
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    queued = []
+    try:
+        for _ in range(4):  # fill the accept queue nobody empties
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(listener.getsockname())
+            except BlockingIOError:
+                pass
+            queued.append(sock)
+        time.sleep(0.2)
+        client = LLMClient(Endpoint(url, "fake", None, "json_schema"),
+                           LLMSettings(base_url=url, model="fake", timeout_s=60.0, preflight_timeout_s=0.3))
+
+        async def open_ahead():
+            started = time.monotonic()
+            try:
+                await client.open_connections(3)
+            finally:
+                await client.aclose()
+            return time.monotonic() - started
+        took = asyncio.run(open_ahead())
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
+    assert 0.25 <= took < 5.0, took  # the 0.3 s bound, not the 60 s request limit
+
 @pytest.mark.parametrize("carrier", CARRIERS)
 def test_both_carriers_fail_alike(carrier):
     with FakeOpenAI() as srv:

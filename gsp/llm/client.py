@@ -517,10 +517,13 @@ class LLMClient:
 
     async def open_connections(self, requests: int) -> None:
         """Connections for the first ``requests`` requests (at most the concurrency), opened
-        together and spread over the replicas as the requests will be."""
+        together and spread over the replicas as the requests will be. Each may take as long as
+        the endpoint check (``preflight_timeout_s``): an endpoint that stopped answering since is
+        then left to the requests, rather than holding the batch for a request's time limit."""
         count = min(requests, self._concurrency)
         share = -(-count // len(self._transports))
-        await asyncio.gather(*(t.open_connections(share) for t in self._transports))
+        await asyncio.gather(*(t.open_connections(share, self.settings.preflight_timeout_s)
+                               for t in self._transports))
 
     async def aclose(self) -> None:
         for transport in self._transports:

@@ -94,7 +94,7 @@ class Transport(Protocol):
         :class:`HTTPStatusError`, no answer :class:`TransportError`."""
         ...
 
-    async def open_connections(self, count: int) -> None:
+    async def open_connections(self, count: int, timeout_s: float | None = None) -> None:
         """Open up to ``count`` connections ahead of a burst of requests, where the carrier can."""
         ...
 
@@ -234,24 +234,26 @@ class PlainHttpTransport:
         self._checkin(conn)
         return check_status(answer)
 
-    async def _checkout(self) -> _Connection:
+    async def _checkout(self, connect_timeout_s: float | None = None) -> _Connection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if conn.reusable(now):
                 return conn
             conn.close()
+        limit = connect_timeout_s or self.timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(limit):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=READ_CHUNK)
         except TimeoutError as exc:
-            raise RequestTimeout(f"no connection within {self.timeout_s:g} s") from exc
+            raise RequestTimeout(f"no connection within {limit:g} s") from exc
         except OSError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         return _Connection(reader, writer)
 
-    async def open_connections(self, count: int) -> None:
-        """Open up to ``count`` idle connections at once (fewer where some are idle already).
+    async def open_connections(self, count: int, timeout_s: float | None = None) -> None:
+        """Open up to ``count`` idle connections at once (fewer where some are idle already),
+        giving up on each after ``timeout_s`` (default: a request's time limit).
 
         A run's first wave otherwise opens its connections while the event loop prepares every
         other sign's first request (~80 µs each), so no connection completes before all are
@@ -260,7 +262,7 @@ class PlainHttpTransport:
         wanted = min(count, MAX_IDLE) - len(self._idle)
         if wanted <= 0:
             return
-        opened = await asyncio.gather(*(self._checkout() for _ in range(wanted)), return_exceptions=True)
+        opened = await asyncio.gather(*(self._checkout(timeout_s) for _ in range(wanted)), return_exceptions=True)
         for conn in opened:
             if isinstance(conn, _Connection):
                 self._checkin(conn)
@@ -331,7 +333,7 @@ class HttpxTransport:
         return check_status(HTTPAnswer(response.status_code, {k.lower(): v for k, v in response.headers.items()},
                                        response.content))
 
-    async def open_connections(self, count: int) -> None:
+    async def open_connections(self, count: int, timeout_s: float | None = None) -> None:
         """Nothing: httpx opens its pooled connections only for requests."""
 
     async def aclose(self) -> None:
