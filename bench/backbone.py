@@ -151,8 +151,11 @@ def measure_fresh(args: argparse.Namespace) -> dict[str, dict]:
                            "--iters", str(args.iters)]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
-                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                results.append(json.loads(out.strip().splitlines()[-1]))
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:  # its own error, not CalledProcessError over a swallowed stderr
+                    tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise SystemExit(f"the fresh {name} process failed (exit {done.returncode}): {tail}")
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 bar.advance(task)
     return {name: {k: statistics.median(r[k] for r in results) for k in results[0]} for name, results in runs.items()}
 

@@ -34,6 +34,7 @@ import json
 import logging
 import re
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -937,15 +938,21 @@ def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession,
     if run_dir.exists():
         raise GenerationError(f"{run_dir}: run folder exists; a run is never overwritten")
     staging = plan.out_root / f".{plan.run_id}.partial"
+    # Ours (a hidden name in the folder claim_descriptions_root made ours): what a run of the same
+    # id left when it was killed while writing; it was never published.
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    for kind in KINDS:
-        write_kind(staging, kind, result.rows[kind], staged=True)
-
-    manifest = {**run_manifest(plan, result, session.client, session.is_local), **(manifest_extra or {})}
-    (staging / MANIFEST).write_text(json_text(manifest), encoding="utf-8")
-    if review:
-        (staging / REVIEW_FILE).write_text(json_text(review), encoding="utf-8")
-    publish_staged_folder(staging, run_dir)
+    try:
+        for kind in KINDS:
+            write_kind(staging, kind, result.rows[kind], staged=True)
+        manifest = {**run_manifest(plan, result, session.client, session.is_local), **(manifest_extra or {})}
+        (staging / MANIFEST).write_text(json_text(manifest), encoding="utf-8")
+        if review:
+            (staging / REVIEW_FILE).write_text(json_text(review), encoding="utf-8")
+        publish_staged_folder(staging, run_dir)
+    except BaseException:  # a half-written run is no use to anyone: nothing of it stays
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     # A failed run stays on disk for inspection, but training and `gsp train` keep using the last
     # good run that LATEST names.
     if manifest["status"] != RUN_FAILED:

@@ -194,3 +194,33 @@ def test_an_endpoints_passage_budget_limits_what_the_gloss_retrieves(srv, tmp_pa
     assert (k_wide, k_narrow) == (settings.llm.retrieval_k, 1)
     assert max(wide.values()) > 1  # the settings' k finds several passages for these signs
     assert narrow == {label: min(n, 1) for label, n in wide.items()}
+
+
+def test_writing_a_run_leaves_no_half_run_and_clears_what_a_killed_run_of_its_id_left(srv, tmp_path):
+    """finalize_run writes into a hidden staging folder: a failure there (here a row the schema
+    refuses) removes it and publishes nothing; a staging folder that a killed run of the same id
+    left is cleared, not a FileExistsError."""
+    from gsp.generate import describe_batch, finalize_run
+    from gsp.schema import SchemaError
+
+    settings = settings_for(srv, tmp_path)
+    vocab = PROJECT_ROOT / "data" / "vocab" / "autsl.csv"
+
+    async def describe_and_write(plan, spoil):
+        async with generation_session(settings) as session:
+            result = await describe_batch(plan, session.client, plan.entries)
+            if spoil:
+                result.rows["Tg"][0]["status"] = "bogus"
+            return finalize_run(plan, result, session)
+
+    bad = prepare_run(vocab, settings=settings, use_index=False, limit=2, run_id="spoiled")
+    with pytest.raises(SchemaError, match="status"):
+        asyncio.run(describe_and_write(bad, spoil=True))
+    assert sorted(p.name for p in bad.out_root.iterdir() if "spoiled" in p.name) == []
+
+    good = prepare_run(vocab, settings=settings, use_index=False, limit=2, run_id="resumed")
+    (good.out_root / ".resumed.partial").mkdir()
+    (good.out_root / ".resumed.partial" / "Tb.parquet").write_bytes(b"half")
+    run = asyncio.run(describe_and_write(good, spoil=False))
+    assert run.run_dir.name == "resumed" and not (good.out_root / ".resumed.partial").exists()
+    assert len(read_kind(run.run_dir, "Tb")) == 2
