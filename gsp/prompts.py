@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from gsp.errors import GspError
 from gsp.llm.structured import inline_schema
 from gsp.schema import BodyPart
+from gsp.yamltext import YAMLError, load_yaml, yaml_problem
 
 PROMPT_FILES = {"P1": "P1_primary.yaml", "P2": "P2_synonyms.yaml", "P3": "P3_refine.yaml", "P4": "P4_parts.yaml"}
 #: P5 is loaded only by a refinement run (`gsp generate --refine-confused`), so a prompts folder
@@ -133,8 +133,10 @@ def _template_fields(template: str) -> set[str]:
 def load_prompt(path: Path, key: str) -> Prompt:
     try:
         raw = path.read_bytes()
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = load_yaml(raw.decode("utf-8"))
+    except YAMLError as exc:
+        raise PromptError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"{path}: {exc}") from exc
     if not isinstance(data, dict):
         raise PromptError(f"{path}: expected a mapping with id, version, produces, system, user")

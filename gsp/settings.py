@@ -15,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
@@ -28,6 +27,7 @@ from pydantic_settings import SettingsError as _SourceError
 from gsp.errors import GspError, did_you_mean
 from gsp.llm.server import WeightType
 from gsp.llm.structured import StructuredMode
+from gsp.yamltext import YAMLError, load_yaml, yaml_problem
 
 #: The repository root (the package is installed editable from it).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,22 +62,14 @@ def config_file_path() -> Path | None:
     return local if local.is_file() else None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a YAML syntax error: where and what (PyYAML's own text spans several lines)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}"
-
-
 def _read_config_file() -> dict[str, Any]:
     path = config_file_path()
     if path is None:
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigFileError(f"config file {path}: not valid YAML ({_yaml_problem(exc)}); "
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
+        raise ConfigFileError(f"config file {path}: not valid YAML ({yaml_problem(exc)}); "
                               f"expected one mapping per section ({', '.join(SECTIONS)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"config file {path}: unreadable ({exc})") from None
