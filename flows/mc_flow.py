@@ -133,7 +133,7 @@ def onnx_task(stream: str, run_dir: str) -> str:
     seconds on a CPU, which is why it is asked for, not done by default)."""
     from mc.onnx_export import export_run
 
-    path = export_run(run_dir, onnx=True)[-1]
+    path = next(p for p in export_run(run_dir, onnx=True) if p.suffix == ".onnx")  # written beside export.pt
     get_run_logger().info("%s: ONNX export %s", stream, path)
     return str(path)
 
