@@ -20,18 +20,22 @@ def _home() -> Path:
     return get_settings().paths.artifacts_dir / "prefect"
 
 
-def up_cmd(port: int = typer.Option(4200, "--port", min=1, max=65535, help="Loopback port of the Prefect server.")
-           ) -> None:
-    """Start a Prefect server on 127.0.0.1, the work pools cpu and gpu, the deployments of
-    prefect.yaml and one worker per pool, in the background, with this shell's GSP_* settings."""
+def up_cmd(port: int = typer.Option(4200, "--port", min=1, max=65535, help="Port of the Prefect server."),
+           host: str = typer.Option("127.0.0.1", "--host", help=(
+               "Address the server listens on: 0.0.0.0 (or one of this machine's addresses) lets workers "
+               "on other machines, e.g. a GPU host, join; then PREFECT_SERVER_API_AUTH_STRING=user:password "
+               "must be set."))) -> None:
+    """Start a Prefect server (on 127.0.0.1 unless --host), the work pools cpu and gpu, the
+    deployments of prefect.yaml and one worker per pool, in the background, with this shell's
+    GSP_* settings."""
     from flows import stack
     from gsp.settings import get_settings
     from mc.device import resolve_device
 
     llm = get_settings().llm
     with console.status("starting the Prefect server, work pools, deployments and workers…"):
-        result = stack.up(_home(), port, rate_limits={"requests_per_minute": llm.requests_per_minute,
-                                                      "tokens_per_minute": llm.tokens_per_minute})
+        result = stack.up(_home(), port, host=host, rate_limits={"requests_per_minute": llm.requests_per_minute,
+                                                                 "tokens_per_minute": llm.tokens_per_minute})
     state = result.state
     if result.cleaned:
         console.print(f"cleaned a stack whose processes were stopped by hand: {'; '.join(result.cleaned)}")
@@ -45,7 +49,15 @@ def up_cmd(port: int = typer.Option(4200, "--port", min=1, max=65535, help="Loop
         console.print("no CUDA device here: the gpu pool's runs train on the CPU")
     console.print("Point the prefect CLI at it, then start a generation run (training follows by itself):")
     typer.echo(f"export PREFECT_API_URL={state.api_url}")
+    if stack.auth_string():
+        console.print(f"(and {stack.CLIENT_AUTH_VARIABLE} set to the server's password)", highlight=False)
     console.print("prefect deployment run gsp/generate --param vocab=knowledge_base/demo_vocab.csv", highlight=False)
+    remote = state.remote_api_urls()
+    if remote:
+        console.print("Workers on other machines (README: A GPU host joins), with "
+                      f"{stack.CLIENT_AUTH_VARIABLE} set to the server's password:", highlight=False)
+        for url in remote:
+            typer.echo(f"PREFECT_API_URL={url} .venv/bin/prefect worker start --pool gpu")
 
 
 def status_cmd(runs: int = typer.Option(10, "--runs", min=0, help="How many of the last flow runs to list."),

@@ -1,7 +1,8 @@
 """The single-machine Prefect stack behind ``gsp up`` / ``gsp status`` / ``gsp down``.
 
-``up`` starts a Prefect server on loopback (SQLite in a project-local Prefect home,
-``<artifacts>/prefect``), creates the process work pools ``cpu`` and ``gpu``, deploys everything
+``up`` starts a Prefect server on loopback, or on the address ``--host`` names so that workers on
+other machines (a GPU host) reach it, then only with a password (SQLite in a project-local Prefect
+home, ``<artifacts>/prefect``), creates the process work pools ``cpu`` and ``gpu``, deploys everything
 in ``prefect.yaml`` and starts one worker per pool in the background, each in its own session
 (process group) and with the environment ``up`` was started with, so ``GSP_*`` settings reach
 deployment runs. What it started is recorded in ``stack.json`` in that home.
@@ -18,6 +19,7 @@ command that runs a server and workers in the background and stops them again.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -39,6 +41,12 @@ from gsp.atomic import write_json_atomic
 from gsp.errors import GspError
 
 POOLS = ("cpu", "gpu")
+LOOPBACK = "127.0.0.1"
+WILDCARD = "0.0.0.0"  # --host for every interface
+#: The server's password ("user:password", Prefect's basic authentication), which ``up`` requires
+#: before it serves other machines; read from the environment, never written to stack.json.
+SERVER_AUTH_VARIABLE = "PREFECT_SERVER_API_AUTH_STRING"
+CLIENT_AUTH_VARIABLE = "PREFECT_API_AUTH_STRING"
 STATE_FILE = "stack.json"
 #: GSP_* variables that hold paths: given to workers as absolute paths, since a flow run works
 #: in the project folder (flows/deploy_steps.py), not where `gsp up` was started.
@@ -59,14 +67,26 @@ class StackState:
     server_pid: int
     workers: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    host: str = LOOPBACK  # what the server listens on (a record from before --host: loopback)
+
+    @property
+    def local_host(self) -> str:
+        """The address this machine reaches the server at (loopback when it listens on all)."""
+        return LOOPBACK if self.host == WILDCARD else self.host
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"http://{self.local_host}:{self.port}/api"
 
     @property
     def ui_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.local_host}:{self.port}"
+
+    def remote_api_urls(self) -> list[str]:
+        """The API's addresses for other machines (none when the server listens on loopback)."""
+        if self.host == WILDCARD:
+            return [f"http://{a}:{self.port}/api" for a in machine_addresses()]
+        return [] if is_loopback(self.host) else [f"http://{self.host}:{self.port}/api"]
 
     def pids(self) -> dict[str, int]:
         return {**{f"worker {p}": pid for p, pid in self.workers.items()}, "server": self.server_pid}
@@ -142,14 +162,50 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def port_in_use(port: int) -> bool:
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((LOOPBACK if host == WILDCARD else host, port)) == 0
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+def machine_addresses() -> list[str]:
+    """This machine's IPv4 addresses other machines may reach it at (all but loopback)."""
+    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family == socket.AF_INET and not is_loopback(a.address)})
+
+
+def check_host(host: str, env: dict[str, str]) -> None:
+    """Refuse, in one line, an address the server cannot listen on, and one that other machines
+    reach while the server has no password (Prefect's server has no other access control: anyone
+    who reaches it can start flow runs, which run code with this shell's settings and keys)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise StackError(f"--host {host}: not an IPv4 address (e.g. {WILDCARD} for every interface, "
+                         f"or one of {', '.join(machine_addresses()) or 'this machine’s addresses'})") from None
+    if address.version != 4:
+        raise StackError(f"--host {host}: only IPv4 addresses are supported")
+    if host != WILDCARD and not address.is_loopback and host not in machine_addresses():
+        raise StackError(f"--host {host}: not an address of this machine "
+                         f"({', '.join(machine_addresses()) or 'it has none but loopback'})")
+    if not address.is_loopback and not env.get(SERVER_AUTH_VARIABLE):
+        raise StackError(f"--host {host} lets other machines reach the Prefect server, which then needs a "
+                         f"password: set {SERVER_AUTH_VARIABLE}=user:password here, and "
+                         f"{CLIENT_AUTH_VARIABLE} to the same on every machine whose workers join")
+
+
+def auth_string(env: dict[str, str] | None = None) -> str | None:
+    """The server's password as the stack's own clients send it (from the environment)."""
+    env = os.environ if env is None else env
+    return env.get(CLIENT_AUTH_VARIABLE) or env.get(SERVER_AUTH_VARIABLE) or None
 
 
 def healthy(state: StackState, timeout_s: float = 2.0) -> bool:
     try:
-        return httpx.get(f"{state.api_url}/health", timeout=timeout_s).status_code == 200
+        return httpx.get(f"{state.api_url}/health", timeout=timeout_s).status_code == 200  # needs no password
     except httpx.HTTPError:
         return False
 
@@ -178,6 +234,8 @@ def stack_env(home: Path, api_url: str, base: dict[str, str] | None = None) -> d
     for name in PATH_VARIABLES:
         if env.get(name):
             env[name] = str(Path(env[name]).expanduser().resolve())
+    if auth_string(env):  # the workers and `prefect deploy` are clients of the server too
+        env[CLIENT_AUTH_VARIABLE] = auth_string(env)
     env.update({
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
@@ -210,7 +268,7 @@ def _client(state: StackState):
     """A Prefect client of the stack's server, whatever ``PREFECT_API_URL`` says in this process."""
     from prefect.client.orchestration import PrefectClient
 
-    return PrefectClient(state.api_url)
+    return PrefectClient(state.api_url, auth_string=auth_string())
 
 
 async def _create_pools(state: StackState, rate_limits: dict[str, float | None]) -> None:
@@ -319,7 +377,13 @@ def _describe_schedule(schedule: Any) -> str:
 def _run(coro):
     import asyncio
 
-    return asyncio.run(coro)
+    try:
+        return asyncio.run(coro)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 401:
+            raise
+        raise StackError(f"the Prefect server at {exc.request.url.host}:{exc.request.url.port} asks for its "
+                         f"password: set {CLIENT_AUTH_VARIABLE} (or {SERVER_AUTH_VARIABLE}) to it") from None
 
 
 # --- up / status / down ---------------------------------------------------------------------
@@ -331,30 +395,35 @@ class UpResult:
     cleaned: list[str] = field(default_factory=list)
 
 
-def up(home: Path, port: int = 4200, *, rate_limits: dict[str, float | None] | None = None,
+def up(home: Path, port: int = 4200, *, host: str = LOOPBACK, rate_limits: dict[str, float | None] | None = None,
        startup_timeout_s: float = 120.0) -> UpResult:
-    """Start the stack (see the module docstring); a stack already up is left as it is.
+    """Start the stack (see the module docstring); a stack already up is left as it is. ``host``:
+    the address the server listens on (:data:`WILDCARD` for every interface; see :func:`check_host`).
     ``rate_limits`` (``requests_per_minute``, ``tokens_per_minute`` of the endpoint) become the
     Prefect global rate limits that fanned-out generation shares (flows.fanout)."""
     home = home.resolve()
+    check_host(host, dict(os.environ))
     state = read_state(home)
     if state is not None:
         dead = [name for name, pid in state.pids().items() if not alive(pid)]
         if not dead and healthy(state):
+            if state.host != host:  # the workers of other machines would not reach it as asked
+                raise StackError(f"the stack is already up, listening on {state.host}: `gsp down` first to "
+                                 f"start it on {host}")
             return UpResult(state, already_up=True)
         # Whatever is left of it (a worker that outlived its server) is stopped before starting.
         _stop(state, grace_s=5.0, reason="stack cleaned: its other processes were stopped outside gsp down")
         cleaned = [f"{name} (pid {state.pids()[name]}) was gone" for name in dead] or ["the server did not answer"]
     else:
         cleaned = []
-    if port_in_use(port):
-        raise StackError(f"port {port} on 127.0.0.1 is in use by another program: pick another with --port")
+    state = StackState(home=str(home), port=port, server_pid=0, host=host)
+    if port_in_use(port, host):
+        raise StackError(f"port {port} on {state.local_host} is in use by another program: pick another with --port")
     logs = home / "logs"
-    env = stack_env(home, f"http://127.0.0.1:{port}/api")
+    env = stack_env(home, state.api_url)
     root = project_root()
-    server = _spawn(prefect_command("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-                    env, logs / "server.log", root)
-    state = StackState(home=str(home), port=port, server_pid=server)
+    state.server_pid = _spawn(prefect_command("server", "start", "--host", host, "--port", str(port)),
+                              env, logs / "server.log", root)
     write_state(state)  # from here on, `gsp down` can clean up whatever happens next
     _wait_for(lambda: healthy(state), startup_timeout_s, state, "server", logs / "server.log")
     _run(_create_pools(state, rate_limits or {}))
@@ -406,6 +475,7 @@ def status(home: Path, last_runs: int = 10) -> dict[str, Any]:
         return {"up": False, "home": str(home)}
     processes = {name: {"pid": pid, "alive": alive(pid)} for name, pid in state.pids().items()}
     report: dict[str, Any] = {"up": healthy(state), "home": state.home, "ui": state.ui_url, "api": state.api_url,
+                              "listening_on": state.host, "remote_api": state.remote_api_urls(),
                               "processes": processes}
     if report["up"]:
         report["workers"] = _run(_online_workers(state))

@@ -95,6 +95,56 @@ def test_a_stack_killed_by_hand_is_found_and_cleaned(stack_env):
     assert "no stack is up" in run(GSP + ["down"], env).stdout
 
 
+def test_up_for_other_machines_needs_a_password_and_the_stack_works_with_it(stack_env):
+    """`gsp up --host 0.0.0.0` (a GPU host's worker joins, README: A GPU host joins): refused in
+    one line without a server password; with one, the server answers on every address of this
+    machine, asks every client but the health check for the password, and the stack's own
+    clients (workers, status, down) have it."""
+    import secrets
+
+    import httpx
+
+    from flows.stack import SERVER_AUTH_VARIABLE, machine_addresses, port_in_use
+
+    env = stack_env
+    home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
+    port = free_port()
+    refused = run(GSP + ["up", "--host", "0.0.0.0", "--port", str(port)], env, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert f"set {SERVER_AUTH_VARIABLE}=user:password" in refused.stderr
+    assert not (home / "stack.json").exists() and not port_in_use(port)
+
+    user, password = "gsp", secrets.token_hex(8)
+    env[SERVER_AUTH_VARIABLE] = f"{user}:{password}"
+    up = run(GSP + ["up", "--host", "0.0.0.0", "--port", str(port)], env)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        assert f"export PREFECT_API_URL={api}" in up.stdout.splitlines()
+        assert password not in up.stdout + up.stderr + (home / "stack.json").read_text()
+        for address in machine_addresses():  # what a worker on another machine is told and reaches
+            assert f"PREFECT_API_URL=http://{address}:{port}/api .venv/bin/prefect worker start --pool gpu" \
+                in up.stdout.splitlines()
+            assert httpx.get(f"http://{address}:{port}/api/health", timeout=10).status_code == 200
+        assert httpx.post(f"{api}/work_pools/filter", json={}, timeout=10).status_code == 401
+        pools = httpx.post(f"{api}/work_pools/filter", json={}, auth=(user, password), timeout=10)
+        assert {p["name"] for p in pools.json()} >= {"cpu", "gpu"}
+        status = json.loads(run(GSP + ["status", "--json"], env).stdout)
+        assert status["listening_on"] == "0.0.0.0"
+        assert all(any(w["status"] == "ONLINE" for w in status["workers"][pool]) for pool in ("cpu", "gpu"))
+
+        without = {k: v for k, v in env.items() if k != SERVER_AUTH_VARIABLE}
+        denied = run(GSP + ["status"], without, check=False)
+        assert denied.returncode == 2 and "asks for its password" in denied.stderr
+        assert "Traceback" not in denied.stderr
+        elsewhere = run(GSP + ["up", "--port", str(port)], env, check=False)
+        assert elsewhere.returncode == 2 and "already up, listening on 0.0.0.0" in elsewhere.stderr
+    finally:
+        down = run(GSP + ["down"], env, check=False)
+    assert down.returncode == 0, down.stderr
+    assert stack_processes(home) == []
+
+
 def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period():
     from flows.stack import alive, stop_tree
 
