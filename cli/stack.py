@@ -21,7 +21,7 @@ def _home() -> Path:
 
 
 def up_cmd(port: int = typer.Option(4200, "--port", min=1, max=65535, help="Port of the Prefect server."),
-           host: str = typer.Option("127.0.0.1", "--host", help=(
+           host: str | None = typer.Option(None, "--host", show_default="127.0.0.1", help=(
                "Address the server listens on: 0.0.0.0 (or one of this machine's addresses) lets workers "
                "on other machines, e.g. a GPU host, join; then PREFECT_SERVER_API_AUTH_STRING=user:password "
                "must be set."))) -> None:

@@ -395,19 +395,20 @@ class UpResult:
     cleaned: list[str] = field(default_factory=list)
 
 
-def up(home: Path, port: int = 4200, *, host: str = LOOPBACK, rate_limits: dict[str, float | None] | None = None,
-       startup_timeout_s: float = 120.0) -> UpResult:
+def up(home: Path, port: int = 4200, *, host: str | None = None,
+       rate_limits: dict[str, float | None] | None = None, startup_timeout_s: float = 120.0) -> UpResult:
     """Start the stack (see the module docstring); a stack already up is left as it is. ``host``:
-    the address the server listens on (:data:`WILDCARD` for every interface; see :func:`check_host`).
+    the address the server listens on (:data:`WILDCARD` for every interface; see
+    :func:`check_host`); None: loopback for a new stack, whatever a running one listens on.
     ``rate_limits`` (``requests_per_minute``, ``tokens_per_minute`` of the endpoint) become the
     Prefect global rate limits that fanned-out generation shares (flows.fanout)."""
     home = home.resolve()
-    check_host(host, dict(os.environ))
+    check_host(host or LOOPBACK, dict(os.environ))
     state = read_state(home)
     if state is not None:
         dead = [name for name, pid in state.pids().items() if not alive(pid)]
         if not dead and healthy(state):
-            if state.host != host:  # the workers of other machines would not reach it as asked
+            if host is not None and state.host != host:  # not where the user's workers would look for it
                 raise StackError(f"the stack is already up, listening on {state.host}: `gsp down` first to "
                                  f"start it on {host}")
             return UpResult(state, already_up=True)
@@ -416,13 +417,13 @@ def up(home: Path, port: int = 4200, *, host: str = LOOPBACK, rate_limits: dict[
         cleaned = [f"{name} (pid {state.pids()[name]}) was gone" for name in dead] or ["the server did not answer"]
     else:
         cleaned = []
-    state = StackState(home=str(home), port=port, server_pid=0, host=host)
-    if port_in_use(port, host):
+    state = StackState(home=str(home), port=port, server_pid=0, host=host or LOOPBACK)
+    if port_in_use(port, state.host):
         raise StackError(f"port {port} on {state.local_host} is in use by another program: pick another with --port")
     logs = home / "logs"
     env = stack_env(home, state.api_url)
     root = project_root()
-    state.server_pid = _spawn(prefect_command("server", "start", "--host", host, "--port", str(port)),
+    state.server_pid = _spawn(prefect_command("server", "start", "--host", state.host, "--port", str(port)),
                               env, logs / "server.log", root)
     write_state(state)  # from here on, `gsp down` can clean up whatever happens next
     _wait_for(lambda: healthy(state), startup_timeout_s, state, "server", logs / "server.log")

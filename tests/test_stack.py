@@ -137,7 +137,8 @@ def test_up_for_other_machines_needs_a_password_and_the_stack_works_with_it(stac
         denied = run(GSP + ["status"], without, check=False)
         assert denied.returncode == 2 and "asks for its password" in denied.stderr
         assert "Traceback" not in denied.stderr
-        elsewhere = run(GSP + ["up", "--port", str(port)], env, check=False)
+        assert "already up" in run(GSP + ["up", "--port", str(port)], env).stdout  # where it is, as it is
+        elsewhere = run(GSP + ["up", "--host", "127.0.0.1", "--port", str(port)], env, check=False)
         assert elsewhere.returncode == 2 and "already up, listening on 0.0.0.0" in elsewhere.stderr
     finally:
         down = run(GSP + ["down"], env, check=False)
