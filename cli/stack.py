@@ -89,6 +89,9 @@ def _print_processes(report: dict) -> None:
         table.add_row(name, str(proc["pid"]), "yes" if proc["alive"] else "[red]no[/red]",
                       seen[0] if seen else ("healthy" if name == "server" and report["up"] else ""))
     console.print(table)
+    if report.get("remote_api"):
+        console.print(f"listening on {report['listening_on']}; other machines' workers use "
+                      + ", ".join(f"PREFECT_API_URL={url}" for url in report["remote_api"]), highlight=False)
 
 
 def _print_server(report: dict) -> None:

@@ -131,6 +131,9 @@ def test_up_for_other_machines_needs_a_password_and_the_stack_works_with_it(stac
         assert {p["name"] for p in pools.json()} >= {"cpu", "gpu"}
         status = json.loads(run(GSP + ["status", "--json"], env).stdout)
         assert status["listening_on"] == "0.0.0.0"
+        shown = run(GSP + ["status"], {**env, "COLUMNS": "300"}).stdout
+        assert all(f"PREFECT_API_URL={url}" in shown for url in status["remote_api"])
+        assert "listening on 0.0.0.0" in shown
         assert all(any(w["status"] == "ONLINE" for w in status["workers"][pool]) for pool in ("cpu", "gpu"))
 
         without = {k: v for k, v in env.items() if k != SERVER_AUTH_VARIABLE}

@@ -338,6 +338,12 @@ def test_atomic_artifacts_get_the_umask_mode_and_keep_a_replaced_files_mode(tmp_
     subprocess.run([sys.executable, "-c", code, str(new)], check=True, cwd=Path(__file__).parents[1])
     assert new.stat().st_mode & 0o777 == 0o640
     assert json.loads(new.read_text()) == {"a": 1}
+    # the umask of the moment, as open() uses it (a process that tightens it later is obeyed)
+    later = ("import os, sys; from gsp.atomic import write_json_atomic; os.umask(0o022); "
+             "write_json_atomic(sys.argv[1], {}); os.umask(0o077); write_json_atomic(sys.argv[2], {})")
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    subprocess.run([sys.executable, "-c", later, str(first), str(second)], check=True, cwd=Path(__file__).parents[1])
+    assert (first.stat().st_mode & 0o777, second.stat().st_mode & 0o777) == (0o644, 0o600)
 
     from gsp.atomic import write_json_atomic
     kept = tmp_path / "kept.json"
