@@ -490,7 +490,17 @@ def down(home: Path, *, grace_s: float = 10.0) -> dict[str, Any]:
     state = read_state(home)
     if state is None:
         return {"was_up": False, "stopped": [], "crashed_runs": []}
+    if healthy(state):
+        # Before anything stops: without the password, the workers would be stopped but their
+        # runs not marked Crashed, and a later `gsp down` no longer knows which runs those were.
+        _run(_check_access(state))
     return {"was_up": True, **_stop(state, grace_s, reason="stopped by gsp down")}
+
+
+async def _check_access(state: StackState) -> None:
+    """Raise (StackError, through :func:`_run`) when the server refuses this process's password."""
+    async with _client(state) as client:
+        await client.read_work_pools()
 
 
 def _stop(state: StackState, grace_s: float, reason: str) -> dict[str, Any]:

@@ -143,6 +143,11 @@ def test_up_for_other_machines_needs_a_password_and_the_stack_works_with_it(stac
         assert "already up" in run(GSP + ["up", "--port", str(port)], env).stdout  # where it is, as it is
         elsewhere = run(GSP + ["up", "--host", "127.0.0.1", "--port", str(port)], env, check=False)
         assert elsewhere.returncode == 2 and "already up, listening on 0.0.0.0" in elsewhere.stderr
+        # down without the password stops nothing (it could not mark the workers' runs Crashed)
+        alive_before = sorted(p.pid for p in stack_processes(home))
+        refused_down = run(GSP + ["down"], without, check=False)
+        assert refused_down.returncode == 2 and "asks for its password" in refused_down.stderr
+        assert sorted(p.pid for p in stack_processes(home)) == alive_before and (home / "stack.json").exists()
     finally:
         down = run(GSP + ["down"], env, check=False)
     assert down.returncode == 0, down.stderr

@@ -263,11 +263,12 @@ class PlainHttpTransport:
         if wanted <= 0:
             return
         opened = await asyncio.gather(*(self._checkout(timeout_s) for _ in range(wanted)), return_exceptions=True)
-        for conn in opened:
+        for conn in opened:  # every opened one kept (or closed) before anything is raised
             if isinstance(conn, _Connection):
                 self._checkin(conn)
-            elif not isinstance(conn, TransportError):
-                raise conn
+        unexpected = [e for e in opened if isinstance(e, BaseException) and not isinstance(e, TransportError)]
+        if unexpected:
+            raise unexpected[0]
 
     def _checkin(self, conn: _Connection) -> None:
         if conn.keep_alive and len(self._idle) < MAX_IDLE:
