@@ -22,7 +22,8 @@ an epoch would otherwise surface hours in. The .npy files are streamed through t
 for that scan (:data:`SCAN_FRAMES` frames at a time), so loading stays within a small, fixed
 amount of memory. Bad input (missing files, wrong shapes, empty clips, NaN/inf, labels out of
 range) raises one :class:`SampleError` naming every bad sample and why; with ``skip_bad=True``
-they are logged, skipped and listed in ``samples.skipped``.
+they are logged, skipped and listed in ``samples.skipped`` (with their label where it could be
+read, so that a selection of classes keeps only its own bad clips).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -85,12 +86,31 @@ class Sample:
         return check_keypoints(arr, self.sample_id, self.source, check_values=True)
 
 
+class SkippedSample(NamedTuple):
+    """A bad sample left out (``skip_bad``): its id, why, and its label where it was readable."""
+
+    sample_id: str
+    reason: str
+    #: None where the label itself was the problem (not an integer, out of range, no annotation).
+    label: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
 class Samples(list):
     """A list of :class:`Sample` that also records what was skipped and why."""
 
-    def __init__(self, items: Iterable[Sample] = (), skipped: list[tuple[str, str]] | None = None):
+    def __init__(self, items: Iterable[Sample] = (), skipped: list[SkippedSample] | None = None):
         super().__init__(items)
-        self.skipped: list[tuple[str, str]] = skipped or []
+        self.skipped: list[SkippedSample] = skipped or []
+
+    def of_classes(self, wanted: Callable[[int], bool]) -> Samples:
+        """The samples whose label is ``wanted``, and the skipped ones that may be: a bad clip of
+        an unwanted class is not this selection's loss, while one whose label could not be read
+        might belong to any class, so it stays listed."""
+        return Samples([s for s in self if wanted(int(s.label))],
+                       [s for s in self.skipped if s.label is None or wanted(s.label)])
 
 
 #: Frames per block of the value scan: bounds the scan's temporary memory whatever the clip length.
@@ -240,8 +260,8 @@ def _pyskl_to_array(ann: dict, sample_id: str, source: str) -> np.ndarray:
     return check_keypoints(full, sample_id, source)
 
 
-def _load_pyskl(path: Path, split: str | None, num_classes: int | None) -> tuple[Samples, list[tuple[str, str]]]:
-    """The good samples of ``split`` and every bad one as (sample_id, reason)."""
+def _load_pyskl(path: Path, split: str | None, num_classes: int | None) -> tuple[Samples, list[SkippedSample]]:
+    """The good samples of ``split`` and every bad one."""
     data = read_pickle_safely(path)
     if not isinstance(data, dict) or "annotations" not in data:
         raise SampleError(f"{path}: not a pyskl annotation file (expected a dict with 'annotations' and 'split')")
@@ -265,6 +285,7 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None) -> tuple
 
     out, bad = Samples(), []
     for sid in wanted:
+        label = None
         try:
             ann = by_id.get(sid)
             if ann is None:
@@ -273,7 +294,7 @@ def _load_pyskl(path: Path, split: str | None, num_classes: int | None) -> tuple
             arr = _pyskl_to_array(ann, sid, str(path))
             out.append(Sample(sid, label, str(path), array=arr))
         except SampleError as exc:
-            bad.append((sid, str(exc)))
+            bad.append(SkippedSample(sid, str(exc), label))
     return out, bad
 
 
@@ -283,15 +304,15 @@ LISTED_WITH_REASON = 20
 LISTED_BY_ID = 200
 
 
-def bad_samples_message(path: Path, where: str, bad: Sequence[tuple[str, str]]) -> str:
+def bad_samples_message(path: Path, where: str, bad: Sequence[SkippedSample]) -> str:
     """One line naming every bad sample (the first ones with their reason) and the way out.
 
     The data path is named once at the front; per-sample reasons name files relative to it.
     """
     folder = f"{(path if path.is_dir() else path.parent)}{os.sep}"
-    reasons = [reason.replace(folder, "") for _, reason in bad[:LISTED_WITH_REASON]]
+    reasons = [b.reason.replace(folder, "") for b in bad[:LISTED_WITH_REASON]]
     text = f"{path}: {len(bad)} bad sample(s) {where}: " + "; ".join(reasons)
-    rest = [sid for sid, _ in bad[LISTED_WITH_REASON:]]
+    rest = [b.sample_id for b in bad[LISTED_WITH_REASON:]]
     if rest:
         named = ", ".join(repr(s) for s in rest[:LISTED_BY_ID])
         more = f" and {len(rest) - LISTED_BY_ID} more" if len(rest) > LISTED_BY_ID else ""
@@ -299,10 +320,10 @@ def bad_samples_message(path: Path, where: str, bad: Sequence[tuple[str, str]]) 
     return text + " (fix or remove them, or pass --skip-bad to leave them out)"
 
 
-def _log_skipped(path: Path, where: str, bad: Sequence[tuple[str, str]]) -> None:
+def _log_skipped(path: Path, where: str, bad: Sequence[SkippedSample]) -> None:
     """--skip-bad: one warning per bad sample (the first ones) and one summary line."""
-    for _, reason in bad[:LISTED_WITH_REASON]:
-        log.warning("skipping bad sample: %s", reason)
+    for b in bad[:LISTED_WITH_REASON]:
+        log.warning("skipping bad sample: %s", b.reason)
     more = f"; {len(bad) - LISTED_WITH_REASON} not shown" if len(bad) > LISTED_WITH_REASON else ""
     log.warning("%s: skipped %d bad sample(s) %s%s", path, len(bad), where, more)
 
@@ -370,14 +391,16 @@ def _read_labels_csv(path: Path) -> list[tuple[int, str, str, str | None]]:
     return out
 
 
-def _npy_sample(base: Path, where: str, sid: str, label_text: str, num_classes: int | None,
-                check_values: bool) -> Sample:
-    """One CSV row's sample, its .npy header (and, with ``check_values``, its values) checked."""
+def _csv_label(label_text: str, sid: str, where: str, num_classes: int | None) -> int:
     try:
-        label_val: Any = int(label_text)
+        label: Any = int(label_text)
     except ValueError:
         raise SampleError(f"sample {sid!r} ({where}): label {label_text!r} is not an integer") from None
-    label = _check_label(label_val, sid, where, num_classes)
+    return _check_label(label, sid, where, num_classes)
+
+
+def _npy_sample(base: Path, where: str, sid: str, label: int, check_values: bool) -> Sample:
+    """One CSV row's sample, its .npy header (and, with ``check_values``, its values) checked."""
     npy = base / f"{sid}.npy"
     if not npy.is_file() and (base / f"{sid}{POSE_SUFFIX}").is_file():
         pose = base / f"{sid}{POSE_SUFFIX}"
@@ -395,8 +418,8 @@ def _npy_sample(base: Path, where: str, sid: str, label_text: str, num_classes: 
 
 
 def _load_npy_folder(path: Path, split: str | None, num_classes: int | None,
-                     check_values: bool) -> tuple[Samples, list[tuple[str, str]]]:
-    """The good samples of ``split`` and every bad one as (sample_id, reason)."""
+                     check_values: bool) -> tuple[Samples, list[SkippedSample]]:
+    """The good samples of ``split`` and every bad one."""
     csv_path = path if path.is_file() else _find_labels_csv(path, split)
     rows = _read_labels_csv(csv_path)
     has_split_col = any(s is not None for *_, s in rows)
@@ -408,18 +431,20 @@ def _load_npy_folder(path: Path, split: str | None, num_classes: int | None,
     seen: set[str] = set()
     for n, sid, label_text, _ in rows:
         where = f"{csv_path}:{n}"
+        label = None
         try:
             if sid in seen:
                 raise SampleError(f"sample {sid!r} ({where}): duplicate sample_id")
             seen.add(sid)
-            out.append(_npy_sample(csv_path.parent, where, sid, label_text, num_classes, check_values))
+            label = _csv_label(label_text, sid, where, num_classes)
+            out.append(_npy_sample(csv_path.parent, where, sid, label, check_values))
         except SampleError as exc:
-            bad.append((sid, str(exc)))
+            bad.append(SkippedSample(sid, str(exc), label))
     return out, bad
 
 
 def _read_split(path: Path, split: str | None, num_classes: int | None,
-                check_values: bool) -> tuple[Samples, list[tuple[str, str]]]:
+                check_values: bool) -> tuple[Samples, list[SkippedSample]]:
     if path.is_file() and path.suffix.lower() in (".pkl", ".pickle"):
         return _load_pyskl(path, split, num_classes)
     if path.is_dir() or path.suffix.lower() == ".csv":
@@ -448,7 +473,7 @@ def load_splits(
         raise SampleError(f"{path}: data path does not exist")
     started = time.perf_counter()
     read = {split: _read_split(path, split, num_classes, check_values) for split in splits}
-    bad = [(sid, reason) for _, split_bad in read.values() for sid, reason in split_bad]
+    bad = [b for _, split_bad in read.values() for b in split_bad]
     where = _split_words(splits[0]) if len(splits) == 1 else "in splits " + ", ".join(
         f"{s!r} ({len(read[s][1])})" for s in splits)
     if bad and not skip_bad:
@@ -515,7 +540,7 @@ class SkeletonDataset(Dataset):
             raise ValueError("SkeletonDataset needs at least one sample")
         self.samples = list(samples)
         #: (sample id, why) of the bad samples left out before this dataset (``skip_bad``)
-        self.skipped: list[tuple[str, str]] = list(getattr(samples, "skipped", []))
+        self.skipped: list[SkippedSample] = list(getattr(samples, "skipped", []))
         self.layout = layout if isinstance(layout, Layout) else get_layout(layout)
         self.stream = stream
         self.frames = int(frames)

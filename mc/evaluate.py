@@ -404,9 +404,7 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     samples = load_samples(data, split=split, skip_bad=skip_bad, num_classes=num_classes)
     holdout = [int(c) for c in meta.get("holdout_classes") or []]
     if holdout:  # never trained: recognised only zero-shot (mc.zeroshot), as training's test metrics say
-        from mc.data import Samples
-
-        samples = Samples([s for s in samples if int(s.label) not in set(holdout)], samples.skipped)
+        samples = samples.of_classes(lambda label: label not in set(holdout))
         if not samples:
             raise EvaluationError(f"{data}: every {split!r} clip belongs to a held-out class of {run_dir}; "
                                   "evaluate them with --zero-shot")
@@ -418,7 +416,7 @@ def evaluate_checkpoint(run_dir: Path, data: Path | None = None, split: str = "t
     folder = claim_eval_folder(Path(out) if out is not None else run.eval_dir(split))
     metrics = write_eval_outputs(folder.root, scores, labels, ds.sample_ids, num_classes)
     metrics.update({"checkpoint_epoch": int(ckpt["epoch"]), "data": str(data), "split": split,
-                    "stream": meta.get("stream"), "skipped": [list(s) for s in samples.skipped]})
+                    "stream": meta.get("stream"), "skipped": [s.to_json() for s in samples.skipped]})
     if holdout:
         metrics.update({"holdout_classes": holdout, "test_classes": "seen classes only"})
     write_json_atomic(folder.metrics, metrics)

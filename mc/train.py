@@ -355,7 +355,8 @@ def setup(config: TrainConfig | dict) -> TrainState:
     # Every rank loads the checkpoint, so all start from the same weights and optimizer state.
     start_epoch, history, seconds = _resume(cfg, run, learner, model_cfg)
     learner.net = ddp.data_parallel(learner.net, device, find_unused=bank is not None)
-    skipped = {"train": [list(x) for x in train_samples.skipped], "test": [list(x) for x in test_samples.skipped]}
+    skipped = {name: [x.to_json() for x in samples.skipped]
+               for name, samples in (("train", train_samples), ("test", test_samples))}
     return TrainState(cfg=cfg, recipe=recipe, run=run, layout=layout, train_ds=train_ds, test_ds=test_ds,
                       skipped=skipped, num_classes=num_classes, learner=learner, model_cfg=model_cfg, meta=meta,
                       writer=_writer(cfg, run, start_epoch), start_epoch=start_epoch, history=history,

@@ -97,11 +97,9 @@ def _label_span(labels: Sequence[int]) -> str:
 
 
 def without_classes(samples, classes: Iterable[int]):
-    """``samples`` (an :class:`mc.data.Samples`) minus the clips of ``classes``, its skip list kept."""
-    from mc.data import Samples
-
+    """``samples`` (an :class:`mc.data.Samples`) minus the clips of ``classes``, bad ones included."""
     drop = {int(c) for c in classes}
-    return Samples([s for s in samples if int(s.label) not in drop], list(getattr(samples, "skipped", [])))
+    return samples.of_classes(lambda label: label not in drop)
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -297,7 +295,7 @@ def clip_dataset(run: LoadedRun, data: Path | None, split: str, classes: Iterabl
     """(the run's test-time dataset of ``split`` — only ``classes``' clips when given —, the data path);
     ``data`` None: the data the run was trained on. ``skip_bad``: bad clips are left out (listed in
     the dataset's ``samples.skipped``) instead of failing."""
-    from mc.data import Samples, SkeletonDataset, load_samples
+    from mc.data import SkeletonDataset, load_samples
     from mc.keypoints import DEFAULT_KEYPOINT_SET, get_layout
 
     if data is None:
@@ -308,7 +306,7 @@ def clip_dataset(run: LoadedRun, data: Path | None, split: str, classes: Iterabl
     samples = load_samples(Path(data), split=split, num_classes=run.model.cfg.num_classes, skip_bad=skip_bad)
     if classes is not None:
         keep = {int(c) for c in classes}
-        samples = Samples([s for s in samples if int(s.label) in keep], samples.skipped)
+        samples = samples.of_classes(lambda label: label in keep)
         if not samples:
             raise ZeroShotError(f"{data}: split {split!r} has no clips of the held-out classes "
                                 f"{', '.join(map(str, sorted(keep)))}")
@@ -382,7 +380,7 @@ def evaluate_zero_shot(run_dir: Path | str, cache_root: Path | str, descriptions
         "num_samples": int(len(target)), "split": split, "data": str(data_path),
         "descriptions": str(Path(desc_dir).resolve()),
         "candidates": "held-out classes only", "checkpoint_epoch": int(run.ckpt["epoch"]),
-        "skipped": [list(s) for s in dataset.skipped],
+        "skipped": [s.to_json() for s in dataset.skipped],
     }
     if write:
         folder = claim_eval_folder(Path(out) if out is not None else run.root / f"zeroshot-{split}")

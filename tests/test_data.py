@@ -88,8 +88,11 @@ def test_pyskl_bad_samples_name_the_sample_and_can_be_skipped(tmp_path):
                for sid in ("has_nan", "empty", "shape", "badlabel", "frames", "ghost"))
     samples = load_samples(path, "train", skip_bad=True)
     assert [s.sample_id for s in samples] == ["good"]
-    reasons = dict(samples.skipped)
+    reasons = {s.sample_id: s.reason for s in samples.skipped}
     assert set(reasons) == {"has_nan", "empty", "shape", "badlabel", "frames", "ghost"}
+    # the label where it was readable, so a selection of classes keeps only its own bad clips
+    labels = {s.sample_id: s.label for s in samples.skipped}
+    assert labels == {"has_nan": 0, "empty": 0, "shape": 0, "frames": 0, "badlabel": None, "ghost": None}
     assert "zero-length" in reasons["empty"]
     assert "keypoint" in reasons["shape"] and "17" in reasons["shape"]
     assert "out of range" in reasons["badlabel"]
@@ -151,8 +154,15 @@ def test_npy_bad_input(tmp_path):
     assert all(f"sample {sid!r}" in str(info.value) for sid in ("nan", "wrong", "gone", "notint"))
     samples = load_samples(folder, split=None, skip_bad=True)
     assert [s.sample_id for s in samples] == ["ok"]
-    reasons = dict(samples.skipped)
+    reasons = {s.sample_id: s.reason for s in samples.skipped}
     assert "non-finite" in reasons["nan"] and "file missing" in reasons["gone"]
+    assert {s.sample_id: s.label for s in samples.skipped} == {"nan": 1, "wrong": 1, "gone": 0, "notint": None}
+    # selecting classes drops the bad clips of the others, never one whose class is unknown
+    ones = samples.of_classes(lambda label: label == 1)
+    assert ones == [] and [s.sample_id for s in ones.skipped] == ["nan", "wrong", "notint"]
+    zeros = samples.of_classes(lambda label: label == 0)
+    assert [s.sample_id for s in zeros] == ["ok"]
+    assert [s.sample_id for s in zeros.skipped] == ["gone", "notint"]
     assert "not an integer" in reasons["notint"] and "labels.csv:6" in reasons["notint"]
     # strict mode without a value scan still names the sample when the item is read
     lazy = [s for s in load_samples(folder / "labels.csv", split=None, skip_bad=True, check_values=False)

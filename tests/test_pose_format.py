@@ -226,7 +226,7 @@ def test_pose_folder_trains_and_predicts_through_the_cli(tmp_path):
     with pytest.raises(SampleError, match=r"sample 'c2_0'.*c2_0\.pose: not a readable \.pose file"):
         load_samples(data, split="train")
     kept = load_samples(data, split="train", skip_bad=True)
-    assert len(kept) == 8 and [sid for sid, _ in kept.skipped] == ["c2_0"]
+    assert len(kept) == 8 and [s.sample_id for s in kept.skipped] == ["c2_0"]
     result = runner.invoke(app, ["predict", str(run / "export.pt"), str(data / "c2_0.pose")])
     assert result.exit_code == 2 and "c2_0.pose: not a readable .pose file" in result.output
     assert "Traceback" not in result.output

@@ -107,7 +107,7 @@ def test_gsp_train_names_every_bad_npy_file_and_skip_bad_trains_on_the_rest(tmp_
     proc = run_gsp(args + ["--out", str(tmp_path / "skip"), "--skip-bad"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
-    assert sorted(sid for sid, _ in metrics["skipped"]["train"]) == ["flat", "gone", "has_inf", "has_nan"]
+    assert sorted(s["sample_id"] for s in metrics["skipped"]["train"]) == ["flat", "gone", "has_inf", "has_nan"]
     assert metrics["skipped"]["test"] == [] and metrics["test_samples"] == 3
 
 
@@ -126,8 +126,8 @@ def test_skip_bad_logs_each_bad_sample_and_a_summary(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mc.data"):
         splits = load_splits(data, ("train", "test"), skip_bad=True)
     assert [s.sample_id for s in splits["train"]] == ["ok0", "ok1", "ok2", "ok3"]
-    assert [sid for sid, _ in splits["train"].skipped] == ["t1", "t2"]
-    assert [sid for sid, _ in splits["test"].skipped] == ["x1"]
+    assert [s.sample_id for s in splits["train"].skipped] == ["t1", "t2"]
+    assert [s.sample_id for s in splits["test"].skipped] == ["x1"]
     lines = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("skipping bad sample: sample 't") for m in lines) == 2
     assert any(m == f"{data}: skipped 2 bad sample(s) in split 'train'" for m in lines)

@@ -186,8 +186,9 @@ def test_zero_shot_eval_names_a_bad_clip_and_skip_bad_leaves_it_out(world, share
     import pickle
 
     data = pickle.loads(world["data"].read_bytes())
-    bad = next(a for a in data["annotations"] if a["frame_dir"] == "c02_s06")  # a held-out test clip
-    bad["keypoint"][0, 3, 7, 0] = np.nan
+    for clip in ("c02_s06", "c00_s06"):  # test clips of a held-out class and of a seen one
+        bad = next(a for a in data["annotations"] if a["frame_dir"] == clip)
+        bad["keypoint"][0, 3, 7, 0] = np.nan
     broken = tmp_path / "broken.pkl"
     broken.write_bytes(pickle.dumps(data))
     one_line_error(gsp("eval", world["run"], "--zero-shot", "--data", broken, "--out", tmp_path / "e1"),
@@ -196,8 +197,13 @@ def test_zero_shot_eval_names_a_bad_clip_and_skip_bad_leaves_it_out(world, share
                  "--out", tmp_path / "e2")
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    assert m["num_samples"] == 8 and [sid for sid, _ in m["skipped"]] == ["c02_s06"]
-    assert "non-finite" in m["skipped"][0][1]
+    # only the evaluated classes' bad clips count as left out: the seen class's is not this eval's
+    assert m["num_samples"] == 8 and [s["sample_id"] for s in m["skipped"]] == ["c02_s06"]
+    assert "non-finite" in m["skipped"][0]["reason"] and m["skipped"][0]["label"] == 2
+    seen = gsp("eval", world["run"], "--data", broken, "--skip-bad", "--json", "--out", tmp_path / "e3")
+    assert seen.exit_code == 0, seen.output
+    m = json.loads(seen.stdout)
+    assert m["num_samples"] == 5 * 3 - 1 and [s["sample_id"] for s in m["skipped"]] == ["c00_s06"]
 
 def test_retrieval_ranks_clips_by_cosine(world, shared_cache):
     hits = retrieve(world["run"], None, "The right hand moves straight towards the up.", k=4)
