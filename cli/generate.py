@@ -17,6 +17,8 @@ from flows import use_local_prefect
 
 llm_app = typer.Typer(help="The embedded local LLM (llama.cpp's llama-server with SmolLM2).", no_args_is_help=True)
 err = Console(stderr=True)
+#: gsp.generate.DEFAULT_TOP, repeated so that the CLI starts without importing the generator
+#: (tests/test_refine.py keeps the two equal).
 DEFAULT_TOP = 10
 
 
@@ -50,7 +52,8 @@ def generate(
         None, "--refine-confused", metavar="TRAIN_RUN",
         help="A training run folder (`gsp train`): rewrite the descriptions of the signs of its most confused "
         "class pairs (its confusion.csv) with P5, each stating what tells it apart from the other sign, into a "
-        "new run; every other row of the base run is carried over without a request. Runs without Prefect."),
+        "new run; every other row of the base run is carried over without a request (the Prefect flow behind "
+        "the gsp/refine deployment, or a plain library call with --no-prefect)."),
     top: int | None = typer.Option(None, "--top", help="With --refine-confused: how many of the most confused "
                                    f"class pairs to refine (default {DEFAULT_TOP})."),
 ) -> None:
@@ -70,8 +73,23 @@ def generate(
         if label_list or limit is not None:
             fail("--labels and --limit do not apply with --refine-confused: the signs are those of the training "
                  "run's most confused pairs (choose how many with --top)")
-        summary, failure_line = _refine_without_prefect(vocab, refine_confused, DEFAULT_TOP if top is None else top,
-                                                        index, kb, out, ingest, use_index, base)
+        top = DEFAULT_TOP if top is None else top
+        if top < 1:
+            fail(f"--top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
+        if prefect:
+            use_local_prefect()
+            from flows.gsp_flow import hide_expected_failures
+            from flows.refine_flow import refine_flow
+
+            hide_expected_failures()
+            result = asyncio.run(refine_flow(
+                vocab=str(vocab), training_run=str(refine_confused), top=top, base=str(base) if base else None,
+                index_dir=str(index) if index else None, kb_dir=str(kb) if kb else None,
+                out_dir=str(out) if out else None, ingest=ingest, use_index=use_index))
+            summary, failure_line = result["summary"], result["failure_line"]
+        else:
+            summary, failure_line = _refine_without_prefect(vocab, refine_confused, top, index, kb, out, ingest,
+                                                            use_index, base)
     elif top is not None:
         fail("--top needs --refine-confused TRAIN_RUN (it counts that run's most confused class pairs)")
     elif prefect:
@@ -129,8 +147,6 @@ def _refine_without_prefect(vocab: Path, train_run: Path, top: int, index: Path 
     from gsp.settings import get_settings
     from mc.report import confused_pairs, load_run
 
-    if top < 1:
-        fail(f"--top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
     pairs = confused_pairs(load_run(train_run).confusion, top)  # a ReportError names the folder: one line
     settings = get_settings()
     index = _ingested(settings, kb, index, ingest, use_index)

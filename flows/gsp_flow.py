@@ -146,6 +146,8 @@ def publish_task(written: dict[str, Any]) -> None:
     lines = [f"# Description run `{m['run_id']}`", "", f"Written to `{written['run_dir']}`.", ""]
     for s in written["samples"]:
         lines += [f"## {s['label']} · {s['gloss']}", ""]
+        if s.get("contrast_with"):
+            lines += [f"Rewritten to be told apart from {s['contrast_with']}.", ""]
         for kind in ("Tb", "Tg"):
             if s.get(kind):
                 lines.append(f"- **{kind}**: {s[kind]}")

@@ -1071,6 +1071,8 @@ def generate_descriptions(vocab_path: Path | str, *, settings: Settings, index_d
 #: One confused class pair of a training run: (label a, label b, clips of either predicted as the
 #: other); the caller reads them from the run's confusion matrix (gsp does not read training runs).
 ConfusedPair = tuple[int, int, int]
+#: How many of a training run's most confused class pairs are refined unless told otherwise.
+DEFAULT_TOP = 10
 NO_DESCRIPTION = "(none: this sign has no usable description in the run being refined)"
 REFINED_KINDS = ("Tg", "Tp")
 

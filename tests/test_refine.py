@@ -11,6 +11,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +246,7 @@ def test_bad_inputs_are_one_line_and_exit_2(srv, base, tmp_path, demo_index):
     train = training_run(tmp_path / "train")
 
     def refine(*args: object):
-        return gsp(env, "generate", "--vocab", VOCAB, "--index", demo_index, "--no-ingest",
+        return gsp(env, "generate", "--vocab", VOCAB, "--index", demo_index, "--no-ingest", "--no-prefect",
                    "--out", tmp_path / "descriptions", *args)
 
     no_confusion = tmp_path / "unfinished"
@@ -263,3 +265,51 @@ def test_bad_inputs_are_one_line_and_exit_2(srv, base, tmp_path, demo_index):
                                                                           "--labels", "0,4"))
     assert srv.records == [] and [p.name for p in (tmp_path / "descriptions").iterdir() if p.is_dir()] == [
         base_run.name]
+
+
+def test_the_prefect_flow_refines_as_the_library_does(srv, base, tmp_path, demo_index):
+    """`gsp generate --refine-confused` runs the flow behind the gsp/refine deployment by default
+    (on a local Prefect server): the same requests and the same rows as the plain library call."""
+    env, base_run, _ = base
+    train = training_run(tmp_path / "train")
+
+    def refine_by_flow(top: int) -> subprocess.CompletedProcess:  # a process of its own, as a user runs it
+        args = ["generate", "--vocab", VOCAB, "--index", demo_index, "--no-ingest", "--out", tmp_path / "descriptions",
+                "--refine-confused", train, "--top", top]
+        return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], env=env, cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = refine_by_flow(2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Beginning flow run 'refine' for flow 'gsp'" in proc.stderr
+    assert env["GSP_LLM_API_KEY"] not in proc.stdout + proc.stderr
+    entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
+    assert srv.requests() == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
+    flow_run = resolve_run_dir(tmp_path / "descriptions")
+    assert flow_run != base_run
+    assert {r["label"]: r["contrast_with"] for r in read_manifest(flow_run)["refine"]["refined"]} == REFINED
+    # bad input through the flow: exit status 2, the error in one line, no traceback, nothing written
+    bad = refine_by_flow(4)
+    assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr[-3000:]
+    [line] = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert f"{flow_run}: describes no class 20 of the confused pairs" in line  # LATEST is the refined run now
+    assert resolve_run_dir(tmp_path / "descriptions") == flow_run
+
+    srv.reset()  # the library call on the same base: every answer now comes from the cache
+    library = generate(env, demo_index, tmp_path / "library", "--base", base_run, "--refine-confused", train,
+                       "--top", 2)
+    assert library.exit_code == 0, library.output[-3000:]
+    assert srv.records == []
+    def content(run_dir: Path) -> dict[str, tuple]:
+        return {k: (r["text"], r["contrast_with"], r["prompt_id"], r["status"],
+                    None if r["body_parts"] is None else list(r["body_parts"]))
+                for k, r in rows_by_key(run_dir).items()}
+
+    assert content(flow_run) == content(resolve_run_dir(tmp_path / "library"))
+
+
+def test_the_cli_states_the_librarys_default_top():
+    from cli.generate import DEFAULT_TOP as CLI_DEFAULT
+    from gsp.generate import DEFAULT_TOP
+
+    assert CLI_DEFAULT == DEFAULT_TOP

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import psutil
 from fake_openai import FakeOpenAI
-from stack_helpers import GSP, PREFECT, demo_vocab, flow_runs, free_port, run, stack_processes, wait_for_runs
+from stack_helpers import GSP, PREFECT, flow_runs, free_port, run, stack_processes, wait_for_runs
+
+from gsp.schema import read_manifest
+from mc.report import confused_pairs, load_run
 
 
 def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
     env = stack_env
     home = Path(env["GSP_ARTIFACTS_DIR"]) / "prefect"
-    vocab = demo_vocab(tmp_path, 3)
+    # The README's route as written: the demo vocabulary, the one the demo skeletons are drawn
+    # for, so the refinement below finds every sign of the confused pairs described.
+    vocab = "knowledge_base/demo_vocab.csv"
     port = free_port()
     with FakeOpenAI() as llm:
         env["GSP_LLM_BASE_URL"] = llm.base_url
@@ -50,17 +55,35 @@ def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
             assert metrics["epochs"] == 1 and 0 <= metrics["top1"] <= 1
             assert list((run_folder / "joint").glob("*.pt")), "no checkpoint or export"
 
+            # One refinement step on the server: gsp/refine on that training's confusion writes a
+            # new description run, and mc/train retrains on exactly it.
+            pairs = confused_pairs(load_run(run_folder / "joint").confusion, 10)
+            assert pairs, "the 1-epoch training confused no two signs: nothing to refine"
+            run(PREFECT + ["deployment", "run", "gsp/refine", "--param", f"vocab={vocab}",
+                           "--param", f"training_run={run_folder / 'joint'}"], env)
+            [refined] = wait_for_runs(env, "gsp/refine", 1, 240)
+            assert refined["state"] == "COMPLETED", refined
+            refined_run = descriptions / (descriptions / "LATEST").read_text().strip()
+            manifest = read_manifest(refined_run)
+            assert refined_run != latest and manifest["refine"]["base_run"] == str(latest)
+            assert [(p["a"], p["b"], p["count"]) for p in manifest["refine"]["pairs"]] == pairs
+            assert {r["label"] for r in manifest["refine"]["refined"]} == {lab for a, b, _ in pairs for lab in (a, b)}
+            retrained = wait_for_runs(env, "mc/train", 2, 300)
+            assert [r["state"] for r in retrained] == ["COMPLETED"] * 2, retrained
+            assert sorted(r["parameters"]["descriptions"] for r in retrained) == sorted([str(latest), str(refined_run)])
+
             # A generation that fails (its vocabulary is missing) ends Failed and starts nothing.
             failed = run(PREFECT + ["deployment", "run", "gsp/generate", "--param", "vocab=missing.csv"], env)
             assert failed.returncode == 0
             runs = wait_for_runs(env, "gsp/generate", 2, 120)
             assert sorted(r["state"] for r in runs) == ["COMPLETED", "FAILED"]
             time.sleep(8)  # a trigger fires within a second or two of its event
-            assert len(flow_runs(env, "mc/train")) == 1
-            assert (descriptions / "LATEST").read_text().strip() == latest.name
+            assert len(flow_runs(env, "mc/train")) == 2
+            assert (descriptions / "LATEST").read_text().strip() == refined_run.name
 
             status = json.loads(run(GSP + ["status", "--json"], env).stdout)
-            assert status["up"] and {d["name"] for d in status["deployments"]} >= {"gsp/generate", "mc/train"}
+            assert status["up"] and {d["name"] for d in status["deployments"]} >= {"gsp/generate", "gsp/refine",
+                                                                                   "mc/train"}
             [schedule] = next(d for d in status["deployments"] if d["name"] == "mc/train")["schedules"]
             assert schedule["active"] is False
         finally:
