@@ -145,13 +145,15 @@ def _refine_without_prefect(vocab: Path, train_run: Path, top: int, index: Path 
     (gsp does not import mc), and handed to gsp as plain (a, b, count) tuples."""
     from gsp.generate import RunFailed, refine_descriptions
     from gsp.settings import get_settings
-    from mc.report import confused_pairs, load_run
+    from mc.report import confused_pairs, load_run, recorded_descriptions
 
-    pairs = confused_pairs(load_run(train_run).confusion, top)  # a ReportError names the folder: one line
+    trained = load_run(train_run)  # a ReportError names the folder: one line
+    pairs, trained_on = confused_pairs(trained.confusion, top), recorded_descriptions(trained)
     settings = get_settings()
     index = _ingested(settings, kb, index, ingest, use_index)
     run = refine_descriptions(vocab, pairs, settings=settings, training_run=str(train_run), base=base,
-                              out_dir=out, index_dir=index, use_index=use_index)
+                              out_dir=out, index_dir=index, use_index=use_index,
+                              trained_on=str(trained_on) if trained_on else None)
     if run.run_failed:
         typer.echo(run.summary())
         raise RunFailed(run.failure_line())

@@ -25,23 +25,30 @@ from gsp.settings import Settings
 
 
 @task(name="read-confused-pairs")
-def confused_pairs_task(training_run: str, top: int) -> list[list[int]]:
-    """The ``top`` most confused class pairs of a finished training run, as ``[a, b, count]``."""
-    from mc.report import confused_pairs, load_run
+def confused_pairs_task(training_run: str, top: int) -> dict[str, Any]:
+    """The ``top`` most confused class pairs of a finished training run, as ``[a, b, count]``, and
+    the description run it records it was trained on (None where it does not)."""
+    from mc.report import confused_pairs, load_run, recorded_descriptions
 
-    pairs = confused_pairs(load_run(training_run).confusion, top)  # a ReportError names the folder
+    trained = load_run(training_run)  # a ReportError names the folder
+    pairs = confused_pairs(trained.confusion, top)
     get_run_logger().info("%s: %d confused pair(s) to refine", training_run, len(pairs))
-    return [list(p) for p in pairs]
+    trained_on = recorded_descriptions(trained)
+    return {"pairs": [list(p) for p in pairs], "trained_on": str(trained_on) if trained_on else None}
 
 
 @task(name="refine-descriptions")
-async def refine_task(vocab: str, pairs: list[list[int]], settings: dict[str, Any], training_run: str,
+async def refine_task(vocab: str, confused: dict[str, Any], settings: dict[str, Any], training_run: str,
                       base: str | None, out_dir: str | None, index_dir: str | None,
                       use_index: bool) -> dict[str, Any]:
-    """P5 and P4 for the signs of ``pairs`` in one generation session; the run written and summed up."""
-    plan = prepare_refine(vocab, [tuple(p) for p in pairs], settings=Settings(**settings),
+    """P5 and P4 for the signs of the confused pairs in one generation session; the run written
+    and summed up."""
+    plan = prepare_refine(vocab, [tuple(p) for p in confused["pairs"]], settings=Settings(**settings),
                           training_run=training_run, base=base, out_dir=Path(out_dir) if out_dir else None,
-                          index_dir=Path(index_dir) if index_dir else None, use_index=use_index)
+                          index_dir=Path(index_dir) if index_dir else None, use_index=use_index,
+                          trained_on=confused["trained_on"])
+    if plan.base_differs():
+        get_run_logger().warning("%s", plan.base_differs())
     run = await arefine(plan)
     get_run_logger().info("%s", run.summary())
     return {"run_dir": str(run.run_dir), "base_run": str(plan.plan.base_dir), "manifest": run.manifest,
@@ -83,8 +90,8 @@ async def refine_flow(vocab: str, training_run: str, top: int = DEFAULT_TOP, bas
         report = ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
                              settings.kb.model_dump(mode="json"))
         index_dir = report["index_dir"]
-    pairs = confused_pairs_task(training_run, top)
-    written = await refine_task(vocab, pairs, settings.public_dict(), training_run, base, out_dir, index_dir,
+    confused = confused_pairs_task(training_run, top)
+    written = await refine_task(vocab, confused, settings.public_dict(), training_run, base, out_dir, index_dir,
                                 use_index)
     publish_task(written)
     if written["run_failed"]:

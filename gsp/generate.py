@@ -1101,6 +1101,19 @@ class RefinePlan:
     base_rows: dict[str, list[dict[str, Any]]]
     decisions: dict[str, dict]
     training_run: str | None = None
+    #: The description run the training run was trained on, as it records it (None: not recorded).
+    trained_on: str | None = None
+
+    def base_differs(self) -> str | None:
+        """One line when the run being refined is not the run the model was trained on (``LATEST``
+        moved since, or another ``base`` was given): the confusions are those of the other texts."""
+        if not self.trained_on or not (Path(self.trained_on) / "Tg.parquet").is_file():
+            return None  # unknown, or a descriptions root whose LATEST then is not known now
+        if Path(self.trained_on).resolve() == Path(self.plan.base_dir).resolve():
+            return None
+        return (f"refining {self.plan.base_dir}, but {self.training_run} was trained on {self.trained_on}: "
+                "the confusions are those of its texts (give that run as the base, --base or the flow's base, "
+                "to refine them)")
 
     def is_refined(self, row: dict[str, Any]) -> bool:
         return row["kind"] in REFINED_KINDS and int(row["label"]) in self.partners
@@ -1119,7 +1132,7 @@ class RefinePlan:
 
     def manifest_section(self, carried: int) -> dict[str, Any]:
         gloss = {e.label: e.gloss for e in self.plan.vocabulary.entries}
-        return {"training_run": self.training_run, "base_run": str(self.plan.base_dir),
+        return {"training_run": self.training_run, "base_run": str(self.plan.base_dir), "trained_on": self.trained_on,
                 "prompt": self.plan.prompts["P5"].prompt_id, "carried_rows": carried,
                 "pairs": [{"a": a, "b": b, "count": n, "glosses": [gloss[a], gloss[b]]} for a, b, n in self.pairs],
                 "refined": [{"label": lab, "gloss": gloss[lab], "contrast_with": other, "count": n}
@@ -1154,9 +1167,11 @@ def _check_pairs(pairs: Sequence[ConfusedPair], vocabulary: Vocabulary, where: s
 def prepare_refine(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
                    training_run: str | None = None, base: Path | str | None = None, out_dir: Path | None = None,
                    index_dir: Path | None = None, use_index: bool = True, retriever: PassageSearch | None = None,
-                   run_id: str | None = None) -> RefinePlan:
+                   run_id: str | None = None, trained_on: str | None = None) -> RefinePlan:
     """Check everything a refinement run needs before any request: the pairs' classes in the
-    vocabulary, a base run (``base``, else the output folder's LATEST) describing them, P5."""
+    vocabulary, a base run (``base``, else the output folder's LATEST) describing them, P5.
+    ``trained_on``: the description run the training run records; both are kept in the manifest,
+    and :meth:`RefinePlan.base_differs` says when the base is another run."""
     where = training_run or "the confused pairs"
     _check_pairs(pairs, load_vocabulary(vocab_path), where)
     out_root = Path(out_dir) if out_dir else settings.paths.descriptions
@@ -1175,7 +1190,7 @@ def prepare_refine(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, set
     plan.prompts.update(load_prompts(settings.paths.prompts_dir, REFINE_PROMPT_FILES))
     return RefinePlan(plan=plan, pairs=[(int(a), int(b), int(n)) for a, b, n in pairs], partners=partners,
                       base_rows={k: [plain_row(r) for r in df.to_dict("records")] for k, df in raw.items()},
-                      decisions=read_review(base_dir), training_run=training_run)
+                      decisions=read_review(base_dir), training_run=training_run, trained_on=trained_on)
 
 
 class ContrastDescriber(SignDescriber):
@@ -1235,9 +1250,13 @@ async def arefine(rp: RefinePlan) -> RunResult:
 def refine_descriptions(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
                         training_run: str | None = None, base: Path | str | None = None,
                         out_dir: Path | None = None, index_dir: Path | None = None, use_index: bool = True,
-                        retriever: PassageSearch | None = None, run_id: str | None = None) -> RunResult:
+                        retriever: PassageSearch | None = None, run_id: str | None = None,
+                        trained_on: str | None = None) -> RunResult:
     """Rewrite the descriptions of the signs of ``pairs`` (most confused first, e.g. from a
     training run's confusion matrix) with P5 into a new description run; see :func:`prepare_refine`."""
     rp = prepare_refine(vocab_path, pairs, settings=settings, training_run=training_run, base=base,
-                        out_dir=out_dir, index_dir=index_dir, use_index=use_index, retriever=retriever, run_id=run_id)
+                        out_dir=out_dir, index_dir=index_dir, use_index=use_index, retriever=retriever, run_id=run_id,
+                        trained_on=trained_on)
+    if rp.base_differs():
+        log.warning("%s", rp.base_differs())
     return asyncio.run(arefine(rp))

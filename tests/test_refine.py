@@ -42,9 +42,10 @@ REFINED = {0: 4, 4: 0, 2: 53, 53: 2}  # --top 2: each sign and the sign it is re
 TB_NOTE = "it never says the hand is a fist"
 
 
-def training_run(folder: Path, confusions=CONFUSIONS) -> Path:
+def training_run(folder: Path, confusions=CONFUSIONS, trained_on: Path | None = None) -> Path:
     """A training run's test outputs as mc.evaluate writes them: two correct clips of every class
-    involved, plus the confused clips; the scores' argmax is the predicted class."""
+    involved, plus the confused clips; the scores' argmax is the predicted class. ``trained_on``:
+    the description run its metrics record (as a contrastive run's text bank does)."""
     clips = [(c, c, 2) for c in sorted({c for t, p, _ in confusions for c in (t, p)})] + list(confusions)
     labels, preds = [], []
     for true, pred, n in clips:
@@ -55,6 +56,8 @@ def training_run(folder: Path, confusions=CONFUSIONS) -> Path:
     root = claim_eval_folder(folder).root
     metrics = write_eval_outputs(root, scores, np.asarray(labels), [f"clip{i:03d}" for i in range(len(labels))],
                                  NUM_CLASSES)
+    if trained_on is not None:
+        metrics["text_bank"] = {"run_dir": str(trained_on)}
     write_json_atomic(root / "metrics.json", metrics)
     return root
 
@@ -313,3 +316,23 @@ def test_the_cli_states_the_librarys_default_top():
     from gsp.generate import DEFAULT_TOP
 
     assert CLI_DEFAULT == DEFAULT_TOP
+
+
+def test_refining_another_run_than_the_model_was_trained_on_is_said(srv, base, tmp_path, demo_index, caplog):
+    """LATEST may have moved since the training: the refinement says so in one warning line and
+    records both runs, and is quiet when the base is the run the model was trained on."""
+    env, base_run, _ = base
+    same = generate(env, demo_index, tmp_path / "descriptions", "--refine-confused",
+                    training_run(tmp_path / "train", trained_on=base_run), "--top", 2)
+    assert same.exit_code == 0, same.output[-3000:]
+    assert "was trained on" not in caplog.text
+    first = resolve_run_dir(tmp_path / "descriptions")
+    assert read_manifest(first)["refine"]["trained_on"] == str(base_run)
+
+    other = generate(env, demo_index, tmp_path / "descriptions", "--refine-confused",
+                     training_run(tmp_path / "train2", trained_on=base_run), "--top", 2)  # LATEST is `first` now
+    assert other.exit_code == 0, other.output[-3000:]
+    [line] = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+    assert f"refining {first}, but " in line and f"was trained on {base_run}" in line and "--base" in line
+    manifest = read_manifest(resolve_run_dir(tmp_path / "descriptions"))
+    assert (manifest["refine"]["base_run"], manifest["refine"]["trained_on"]) == (str(first), str(base_run))

@@ -66,6 +66,7 @@ def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
             refined_run = descriptions / (descriptions / "LATEST").read_text().strip()
             manifest = read_manifest(refined_run)
             assert refined_run != latest and manifest["refine"]["base_run"] == str(latest)
+            assert manifest["refine"]["trained_on"] == str(latest)  # as the training run records it
             assert [(p["a"], p["b"], p["count"]) for p in manifest["refine"]["pairs"]] == pairs
             assert {r["label"] for r in manifest["refine"]["refined"]} == {lab for a, b, _ in pairs for lab in (a, b)}
             retrained = wait_for_runs(env, "mc/train", 2, 300)
