@@ -32,7 +32,9 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 
 def generate(
-    vocab: Path = typer.Option(..., "--vocab", help="Vocabulary CSV (ClassId,TR,EN / ClassId,ZH,EN / ClassId,gloss…)."),
+    vocab: Path | None = typer.Option(
+        None, "--vocab", help="Vocabulary CSV (ClassId,TR,EN / ClassId,ZH,EN / ClassId,gloss…). Required, except "
+        "with --refine-confused (default there: the vocabulary the base run was generated from)."),
     index: Path | None = typer.Option(None, "--index", help="Index folder (default: settings paths.index)."),
     kb: Path | None = typer.Option(None, "--kb", help="Dictionary folder to ingest first (default: paths.kb_dir)."),
     out: Path | None = typer.Option(None, "--out", help="Descriptions root (default: artifacts/descriptions)."),
@@ -83,15 +85,18 @@ def generate(
 
             hide_expected_failures()
             result = asyncio.run(refine_flow(
-                vocab=str(vocab), training_run=str(refine_confused), top=top, base=str(base) if base else None,
-                index_dir=str(index) if index else None, kb_dir=str(kb) if kb else None,
-                out_dir=str(out) if out else None, ingest=ingest, use_index=use_index))
+                training_run=str(refine_confused), vocab=str(vocab) if vocab else None, top=top,
+                base=str(base) if base else None, index_dir=str(index) if index else None,
+                kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,
+                use_index=use_index))
             summary, failure_line = result["summary"], result["failure_line"]
         else:
             summary, failure_line = _refine_without_prefect(vocab, refine_confused, top, index, kb, out, ingest,
                                                             use_index, base)
     elif top is not None:
         fail("--top needs --refine-confused TRAIN_RUN (it counts that run's most confused class pairs)")
+    elif vocab is None:
+        fail("--vocab is required: the vocabulary CSV whose signs to describe")
     elif prefect:
         use_local_prefect()
         from flows.gsp_flow import gsp_flow, hide_expected_failures
@@ -138,7 +143,7 @@ def _ingested(settings, kb: Path | None, index: Path | None, ingest: bool, use_i
     return index
 
 
-def _refine_without_prefect(vocab: Path, train_run: Path, top: int, index: Path | None, kb: Path | None,
+def _refine_without_prefect(vocab: Path | None, train_run: Path, top: int, index: Path | None, kb: Path | None,
                             out: Path | None, ingest: bool, use_index: bool,
                             base: Path | None) -> tuple[str, str | None]:
     """A refinement run as a plain library call. The confused pairs are read here, on the mc side

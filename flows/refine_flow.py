@@ -38,7 +38,7 @@ def confused_pairs_task(training_run: str, top: int) -> dict[str, Any]:
 
 
 @task(name="refine-descriptions")
-async def refine_task(vocab: str, confused: dict[str, Any], settings: dict[str, Any], training_run: str,
+async def refine_task(vocab: str | None, confused: dict[str, Any], settings: dict[str, Any], training_run: str,
                       base: str | None, out_dir: str | None, index_dir: str | None,
                       use_index: bool) -> dict[str, Any]:
     """P5 and P4 for the signs of the confused pairs in one generation session; the run written
@@ -71,7 +71,7 @@ def refined_samples(run_dir: Path, n: int = 3) -> list[dict[str, Any]]:
 
 
 @flow(name="gsp", flow_run_name="refine")
-async def refine_flow(vocab: str, training_run: str, top: int = DEFAULT_TOP, base: str | None = None,
+async def refine_flow(training_run: str, vocab: str | None = None, top: int = DEFAULT_TOP, base: str | None = None,
                       index_dir: str | None = None, kb_dir: str | None = None, out_dir: str | None = None,
                       ingest: bool = True, use_index: bool = True, base_url: str | None = None,
                       model: str | None = None, structured_output: str | None = None,
@@ -79,8 +79,9 @@ async def refine_flow(vocab: str, training_run: str, top: int = DEFAULT_TOP, bas
     """Ingest (incremental) → the ``top`` most confused pairs of ``training_run`` (a `gsp train` or
     ``mc/train`` run folder) → P5 rewrites of both signs of each pair, split again with P4 → a new
     description run in ``out_dir`` refining ``base`` (default: that folder's LATEST run); every
-    other row is carried from the base without a request. ``vocab`` is the vocabulary the model
-    was trained on. Model settings as in :func:`flows.gsp_flow.gsp_flow`."""
+    other row is carried from the base without a request. ``vocab``: the vocabulary the model was
+    trained on (default: the one the base run was generated from). Model settings as in
+    :func:`flows.gsp_flow.gsp_flow`."""
     warn_unknown_settings()
     if top < 1:
         raise GenerationError(f"top {top}: must be at least 1 (how many of the most confused class pairs to refine)")

@@ -76,6 +76,7 @@ from gsp.schema import (
     STATUS_FAILED,
     STATUS_OK,
     apply_review,
+    read_manifest,
     read_review,
     read_run,
     resolve_run_dir,
@@ -1164,21 +1165,37 @@ def _check_pairs(pairs: Sequence[ConfusedPair], vocabulary: Vocabulary, where: s
                                   "the model was trained on")
 
 
-def prepare_refine(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
+def recorded_vocabulary(run_dir: Path) -> Path:
+    """The vocabulary CSV a description run was generated from, as its manifest records it, checked
+    to be the same file still (its sha256): the glosses a refinement of the run must ask with."""
+    recorded = read_manifest(run_dir).get("vocabulary") or {}
+    if not recorded.get("path"):
+        raise GenerationError(f"{run_dir}: its manifest records no vocabulary; give the vocabulary the model "
+                              "was trained on (--vocab)")
+    vocabulary = load_vocabulary(recorded["path"])  # a VocabError names a file that is gone
+    if recorded.get("sha256") and vocabulary.sha256 != recorded["sha256"]:
+        raise GenerationError(f"{recorded['path']}: changed since {run_dir} was generated from it; give the "
+                              "vocabulary the model was trained on (--vocab)")
+    return vocabulary.path
+
+
+def prepare_refine(vocab_path: Path | str | None, pairs: Sequence[ConfusedPair], *, settings: Settings,
                    training_run: str | None = None, base: Path | str | None = None, out_dir: Path | None = None,
                    index_dir: Path | None = None, use_index: bool = True, retriever: PassageSearch | None = None,
                    run_id: str | None = None, trained_on: str | None = None) -> RefinePlan:
-    """Check everything a refinement run needs before any request: the pairs' classes in the
-    vocabulary, a base run (``base``, else the output folder's LATEST) describing them, P5.
-    ``trained_on``: the description run the training run records; both are kept in the manifest,
-    and :meth:`RefinePlan.base_differs` says when the base is another run."""
+    """Check everything a refinement run needs before any request: a base run (``base``, else the
+    output folder's LATEST), the pairs' classes in the vocabulary (``vocab_path``, else the one the
+    base run was generated from), the base describing them, P5. ``trained_on``: the description
+    run the training run records; both are kept in the manifest, and
+    :meth:`RefinePlan.base_differs` says when the base is another run."""
     where = training_run or "the confused pairs"
-    _check_pairs(pairs, load_vocabulary(vocab_path), where)
     out_root = Path(out_dir) if out_dir else settings.paths.descriptions
     base_dir = base_run_dir(out_root, base)
     if base_dir is None:
         raise GenerationError(f"{out_root}: no description run to refine (no {LATEST_POINTER} run there); "
                               "run `gsp generate` first or pass --base RUN")
+    vocab_path = recorded_vocabulary(base_dir) if vocab_path is None else vocab_path
+    _check_pairs(pairs, load_vocabulary(vocab_path), where)
     partners = contrast_partners(pairs)
     raw = read_run(base_dir, ok_only=False)
     absent = sorted(set(partners) - {int(lab) for lab in raw["Tg"]["label"]})
@@ -1247,7 +1264,7 @@ async def arefine(rp: RefinePlan) -> RunResult:
                             review=rp.carried_review(rp.plan.run_id))
 
 
-def refine_descriptions(vocab_path: Path | str, pairs: Sequence[ConfusedPair], *, settings: Settings,
+def refine_descriptions(vocab_path: Path | str | None, pairs: Sequence[ConfusedPair], *, settings: Settings,
                         training_run: str | None = None, base: Path | str | None = None,
                         out_dir: Path | None = None, index_dir: Path | None = None, use_index: bool = True,
                         retriever: PassageSearch | None = None, run_id: str | None = None,

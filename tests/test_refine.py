@@ -336,3 +336,32 @@ def test_refining_another_run_than_the_model_was_trained_on_is_said(srv, base, t
     assert f"refining {first}, but " in line and f"was trained on {base_run}" in line and "--base" in line
     manifest = read_manifest(resolve_run_dir(tmp_path / "descriptions"))
     assert (manifest["refine"]["base_run"], manifest["refine"]["trained_on"]) == (str(first), str(base_run))
+
+
+def test_the_vocabulary_defaults_to_the_one_the_base_run_was_generated_from(srv, base, tmp_path, demo_index):
+    env, base_run, _ = base
+    train = training_run(tmp_path / "train")
+
+    def refine(*args: object):
+        return gsp(env, "generate", "--index", demo_index, "--no-ingest", "--no-prefect",
+                   "--out", tmp_path / "descriptions", "--refine-confused", train, "--top", 2, *args)
+
+    # the base run records VOCAB (path and sha256): no --vocab asks the same requests as with it
+    proc = refine()
+    assert proc.exit_code == 0, proc.output[-3000:]
+    entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
+    assert srv.requests() == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
+    refined = resolve_run_dir(tmp_path / "descriptions")
+    assert read_manifest(refined)["vocabulary"]["path"] == str(VOCAB)
+
+    # a vocabulary file changed since the base run was generated from it is refused, in one line
+    changed = tmp_path / "vocab.csv"
+    shutil.copy(VOCAB, changed)
+    manifest = read_manifest(refined)
+    manifest["vocabulary"]["path"] = str(changed)
+    write_json_atomic(refined / "manifest.json", manifest)
+    with changed.open("a", encoding="utf-8") as fh:
+        fh.write("999,yeni,new\n")
+    line = one_error_line(refine())
+    assert f"{changed}: changed since {refined} was generated from it" in line and "--vocab" in line
+    assert "--vocab is required" in one_error_line(gsp(env, "generate", "--no-index", "--no-prefect"))

@@ -59,8 +59,8 @@ def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
             # new description run, and mc/train retrains on exactly it.
             pairs = confused_pairs(load_run(run_folder / "joint").confusion, 10)
             assert pairs, "the 1-epoch training confused no two signs: nothing to refine"
-            run(PREFECT + ["deployment", "run", "gsp/refine", "--param", f"vocab={vocab}",
-                           "--param", f"training_run={run_folder / 'joint'}"], env)
+            # (the vocabulary: the one the refined run was generated from)
+            run(PREFECT + ["deployment", "run", "gsp/refine", "--param", f"training_run={run_folder / 'joint'}"], env)
             [refined] = wait_for_runs(env, "gsp/refine", 1, 240)
             assert refined["state"] == "COMPLETED", refined
             refined_run = descriptions / (descriptions / "LATEST").read_text().strip()
