@@ -47,8 +47,8 @@ async def refine_task(vocab: str | None, confused: dict[str, Any], settings: dic
                           training_run=training_run, base=base, out_dir=Path(out_dir) if out_dir else None,
                           index_dir=Path(index_dir) if index_dir else None, use_index=use_index,
                           trained_on=confused["trained_on"])
-    if plan.base_differs():
-        get_run_logger().warning("%s", plan.base_differs())
+    if differs := plan.base_differs():
+        get_run_logger().warning("%s", differs)
     run = await arefine(plan)
     get_run_logger().info("%s", run.summary())
     return {"run_dir": str(run.run_dir), "base_run": str(plan.plan.base_dir), "manifest": run.manifest,

@@ -84,7 +84,7 @@ from gsp.schema import (
     write_kind,
 )
 from gsp.settings import Settings
-from gsp.vocab import VocabEntry, Vocabulary, load_vocabulary
+from gsp.vocab import VocabEntry, VocabError, Vocabulary, load_vocabulary
 
 log = logging.getLogger("gsp.generate")
 
@@ -1168,11 +1168,16 @@ def _check_pairs(pairs: Sequence[ConfusedPair], vocabulary: Vocabulary, where: s
 def recorded_vocabulary(run_dir: Path) -> Path:
     """The vocabulary CSV a description run was generated from, as its manifest records it, checked
     to be the same file still (its sha256): the glosses a refinement of the run must ask with."""
-    recorded = read_manifest(run_dir).get("vocabulary") or {}
-    if not recorded.get("path"):
+    manifest = read_manifest(run_dir)
+    recorded = manifest.get("vocabulary") if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict) or not recorded.get("path"):
         raise GenerationError(f"{run_dir}: its manifest records no vocabulary; give the vocabulary the model "
                               "was trained on (--vocab)")
-    vocabulary = load_vocabulary(recorded["path"])  # a VocabError names a file that is gone
+    try:
+        vocabulary = load_vocabulary(recorded["path"])
+    except VocabError as exc:  # gone, or a relative path read from another folder than the run's
+        raise GenerationError(f"{exc} (the vocabulary {run_dir} records it was generated from); give the "
+                              "vocabulary the model was trained on (--vocab)") from None
     if recorded.get("sha256") and vocabulary.sha256 != recorded["sha256"]:
         raise GenerationError(f"{recorded['path']}: changed since {run_dir} was generated from it; give the "
                               "vocabulary the model was trained on (--vocab)")
@@ -1274,6 +1279,6 @@ def refine_descriptions(vocab_path: Path | str | None, pairs: Sequence[ConfusedP
     rp = prepare_refine(vocab_path, pairs, settings=settings, training_run=training_run, base=base,
                         out_dir=out_dir, index_dir=index_dir, use_index=use_index, retriever=retriever, run_id=run_id,
                         trained_on=trained_on)
-    if rp.base_differs():
-        log.warning("%s", rp.base_differs())
+    if differs := rp.base_differs():
+        log.warning("%s", differs)
     return asyncio.run(arefine(rp))

@@ -364,4 +364,10 @@ def test_the_vocabulary_defaults_to_the_one_the_base_run_was_generated_from(srv,
         fh.write("999,yeni,new\n")
     line = one_error_line(refine())
     assert f"{changed}: changed since {refined} was generated from it" in line and "--vocab" in line
+    changed.unlink()  # one that is gone (or a relative path read from elsewhere): named, with the way out
+    line = one_error_line(refine())
+    assert str(changed) in line and f"the vocabulary {refined} records" in line and "--vocab" in line
+    manifest["vocabulary"] = "autsl.csv"  # not what gsp writes: still one line, no traceback
+    write_json_atomic(refined / "manifest.json", manifest)
+    assert f"{refined}: its manifest records no vocabulary" in one_error_line(refine())
     assert "--vocab is required" in one_error_line(gsp(env, "generate", "--no-index", "--no-prefect"))
