@@ -57,7 +57,8 @@ def generate(
         "new run; every other row of the base run is carried over without a request (the Prefect flow behind "
         "the gsp/refine deployment, or a plain library call with --no-prefect)."),
     top: int | None = typer.Option(None, "--top", help="With --refine-confused: how many of the most confused "
-                                   f"class pairs to refine (default {DEFAULT_TOP})."),
+                                   f"class pairs to refine (default {DEFAULT_TOP}); a pair with a sign the base run "
+                                   "does not describe is passed over (a warning line), the next one refined."),
 ) -> None:
     """Describe every sign of a vocabulary with P1–P4 (Tb, Ts, Tg, Tp) into a new description run.
 
@@ -153,12 +154,12 @@ def _refine_without_prefect(vocab: Path | None, train_run: Path, top: int, index
     from mc.report import confused_pairs, load_run, recorded_descriptions
 
     trained = load_run(train_run)  # a ReportError names the folder: one line
-    pairs, trained_on = confused_pairs(trained.confusion, top), recorded_descriptions(trained)
+    pairs, trained_on = confused_pairs(trained.confusion), recorded_descriptions(trained)
     settings = get_settings()
     index = _ingested(settings, kb, index, ingest, use_index)
     run = refine_descriptions(vocab, pairs, settings=settings, training_run=str(train_run), base=base,
                               out_dir=out, index_dir=index, use_index=use_index,
-                              trained_on=str(trained_on) if trained_on else None)
+                              trained_on=str(trained_on) if trained_on else None, top=top)
     if run.run_failed:
         typer.echo(run.summary())
         raise RunFailed(run.failure_line())

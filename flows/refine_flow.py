@@ -25,30 +25,31 @@ from gsp.settings import Settings
 
 
 @task(name="read-confused-pairs")
-def confused_pairs_task(training_run: str, top: int) -> dict[str, Any]:
-    """The ``top`` most confused class pairs of a finished training run, as ``[a, b, count]``, and
-    the description run it records it was trained on (None where it does not)."""
+def confused_pairs_task(training_run: str) -> dict[str, Any]:
+    """The confused class pairs of a finished training run, most first, as ``[a, b, count]`` (at
+    most one per misclassified test clip; the refinement takes the first it can refine), and the
+    description run it records it was trained on (None where it does not)."""
     from mc.report import confused_pairs, load_run, recorded_descriptions
 
     trained = load_run(training_run)  # a ReportError names the folder
-    pairs = confused_pairs(trained.confusion, top)
-    get_run_logger().info("%s: %d confused pair(s) to refine", training_run, len(pairs))
+    pairs = confused_pairs(trained.confusion)
+    get_run_logger().info("%s: %d confused pair(s)", training_run, len(pairs))
     trained_on = recorded_descriptions(trained)
     return {"pairs": [list(p) for p in pairs], "trained_on": str(trained_on) if trained_on else None}
 
 
 @task(name="refine-descriptions")
-async def refine_task(vocab: str | None, confused: dict[str, Any], settings: dict[str, Any], training_run: str,
-                      base: str | None, out_dir: str | None, index_dir: str | None,
+async def refine_task(vocab: str | None, confused: dict[str, Any], top: int, settings: dict[str, Any],
+                      training_run: str, base: str | None, out_dir: str | None, index_dir: str | None,
                       use_index: bool) -> dict[str, Any]:
     """P5 and P4 for the signs of the confused pairs in one generation session; the run written
     and summed up."""
     plan = prepare_refine(vocab, [tuple(p) for p in confused["pairs"]], settings=Settings(**settings),
                           training_run=training_run, base=base, out_dir=Path(out_dir) if out_dir else None,
                           index_dir=Path(index_dir) if index_dir else None, use_index=use_index,
-                          trained_on=confused["trained_on"])
-    if differs := plan.base_differs():
-        get_run_logger().warning("%s", differs)
+                          trained_on=confused["trained_on"], top=top)
+    for line in plan.warnings():
+        get_run_logger().warning("%s", line)
     run = await arefine(plan)
     get_run_logger().info("%s", run.summary())
     return {"run_dir": str(run.run_dir), "base_run": str(plan.plan.base_dir), "manifest": run.manifest,
@@ -77,11 +78,12 @@ async def refine_flow(training_run: str, vocab: str | None = None, top: int = DE
                       model: str | None = None, structured_output: str | None = None,
                       concurrency: int | None = None) -> dict[str, Any]:
     """Ingest (incremental) → the ``top`` most confused pairs of ``training_run`` (a `gsp train` or
-    ``mc/train`` run folder) → P5 rewrites of both signs of each pair, split again with P4 → a new
-    description run in ``out_dir`` refining ``base`` (default: that folder's LATEST run); every
-    other row is carried from the base without a request. ``vocab``: the vocabulary the model was
-    trained on (default: the one the base run was generated from). Model settings as in
-    :func:`flows.gsp_flow.gsp_flow`."""
+    ``mc/train`` run folder) whose signs the base run describes (those with a sign it leaves out
+    are passed over, in a warning and the manifest) → P5 rewrites of both signs of each pair,
+    split again with P4 → a new description run in ``out_dir`` refining ``base`` (default: that
+    folder's LATEST run); every other row is carried from the base without a request. ``vocab``:
+    the vocabulary the model was trained on (default: the one the base run was generated from).
+    Model settings as in :func:`flows.gsp_flow.gsp_flow`."""
     warn_unknown_settings()
     if top < 1:
         raise GenerationError(f"top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
@@ -91,8 +93,8 @@ async def refine_flow(training_run: str, vocab: str | None = None, top: int = DE
         report = ingest_task(str(kb_dir or settings.paths.kb_dir), str(index_dir or settings.paths.index),
                              settings.kb.model_dump(mode="json"))
         index_dir = report["index_dir"]
-    confused = confused_pairs_task(training_run, top)
-    written = await refine_task(vocab, confused, settings.public_dict(), training_run, base, out_dir, index_dir,
+    confused = confused_pairs_task(training_run)
+    written = await refine_task(vocab, confused, top, settings.public_dict(), training_run, base, out_dir, index_dir,
                                 use_index)
     publish_task(written)
     if written["run_failed"]:

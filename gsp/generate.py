@@ -1104,6 +1104,9 @@ class RefinePlan:
     training_run: str | None = None
     #: The description run the training run was trained on, as it records it (None: not recorded).
     trained_on: str | None = None
+    #: Pairs ranked among the refined ones but passed over: the base run describes a sign of theirs
+    #: not (:func:`choose_pairs`).
+    passed_over: list[ConfusedPair] = field(default_factory=list)
 
     def base_differs(self) -> str | None:
         """One line when the run being refined is not the run the model was trained on (``LATEST``
@@ -1115,6 +1118,19 @@ class RefinePlan:
         return (f"refining {self.plan.base_dir}, but {self.training_run} was trained on {self.trained_on}: "
                 "the confusions are those of its texts (give that run as the base, --base or the flow's base, "
                 "to refine them)")
+
+    def warnings(self) -> list[str]:
+        """What a caller logs before the first request, one line each: :meth:`base_differs` and the
+        pairs passed over."""
+        lines = [line] if (line := self.base_differs()) else []
+        if self.passed_over:
+            shown = ", ".join(f"({a}, {b}) ({n} clip(s))" for a, b, n in self.passed_over[:5])
+            more = f" and {len(self.passed_over) - 5} more" if len(self.passed_over) > 5 else ""
+            lines.append(f"{self.plan.base_dir}: passed over {len(self.passed_over)} confused pair(s) of "
+                         f"{self.training_run or 'the confused pairs'} with a sign it does not describe: "
+                         f"{shown}{more}; refined the next ones instead (a run that describes them, --base, "
+                         "refines them)")
+        return lines
 
     def is_refined(self, row: dict[str, Any]) -> bool:
         return row["kind"] in REFINED_KINDS and int(row["label"]) in self.partners
@@ -1136,6 +1152,8 @@ class RefinePlan:
         return {"training_run": self.training_run, "base_run": str(self.plan.base_dir), "trained_on": self.trained_on,
                 "prompt": self.plan.prompts["P5"].prompt_id, "carried_rows": carried,
                 "pairs": [{"a": a, "b": b, "count": n, "glosses": [gloss[a], gloss[b]]} for a, b, n in self.pairs],
+                "passed_over": [{"a": a, "b": b, "count": n, "reason": "a sign the base run does not describe"}
+                                for a, b, n in self.passed_over],
                 "refined": [{"label": lab, "gloss": gloss[lab], "contrast_with": other, "count": n}
                             for lab, (other, n) in sorted(self.partners.items())]}
 
@@ -1152,17 +1170,25 @@ class RefinePlan:
                 "decisions": dict(sorted(kept.items()))}
 
 
-def _check_pairs(pairs: Sequence[ConfusedPair], vocabulary: Vocabulary, where: str) -> None:
-    if not pairs:
-        raise GenerationError(f"{where}: no two classes were confused (every test clip was predicted as its "
-                              "own class); nothing to refine")
+def choose_pairs(pairs: Sequence[ConfusedPair], top: int | None, described: set[int], vocabulary: Vocabulary,
+                 where: str) -> tuple[list[ConfusedPair], list[ConfusedPair]]:
+    """The ``top`` (None: all) first of ``pairs`` (most confused first) whose two signs are in
+    ``described``, and the pairs ranked among them that were passed over for a sign not in it:
+    P5 rewrites a description, and a sign the base run leaves out has none (a vocabulary subset
+    such as the demo's, or a run of ``--labels``). A class not in ``vocabulary`` among them is an
+    error: the model was trained on another vocabulary."""
     known = {e.label for e in vocabulary.entries}
+    chosen: list[ConfusedPair] = []
+    passed_over: list[ConfusedPair] = []
     for a, b, n in pairs:
-        missing = [lab for lab in (a, b) if lab not in known]
-        if missing:
+        if top is not None and len(chosen) == top:
+            break
+        if missing := [lab for lab in (a, b) if lab not in known]:
             raise GenerationError(f"{where}: the confused pair ({a}, {b}) ({n} clip(s)) has class {missing[0]}, "
                                   f"which is not in the vocabulary {vocabulary.path}; refine with the vocabulary "
                                   "the model was trained on")
+        (chosen if a in described and b in described else passed_over).append((int(a), int(b), int(n)))
+    return chosen, passed_over
 
 
 def recorded_vocabulary(run_dir: Path) -> Path:
@@ -1187,12 +1213,13 @@ def recorded_vocabulary(run_dir: Path) -> Path:
 def prepare_refine(vocab_path: Path | str | None, pairs: Sequence[ConfusedPair], *, settings: Settings,
                    training_run: str | None = None, base: Path | str | None = None, out_dir: Path | None = None,
                    index_dir: Path | None = None, use_index: bool = True, retriever: PassageSearch | None = None,
-                   run_id: str | None = None, trained_on: str | None = None) -> RefinePlan:
+                   run_id: str | None = None, trained_on: str | None = None, top: int | None = None) -> RefinePlan:
     """Check everything a refinement run needs before any request: a base run (``base``, else the
     output folder's LATEST), the pairs' classes in the vocabulary (``vocab_path``, else the one the
-    base run was generated from), the base describing them, P5. ``trained_on``: the description
-    run the training run records; both are kept in the manifest, and
-    :meth:`RefinePlan.base_differs` says when the base is another run."""
+    base run was generated from), P5; and choose the ``top`` (None: all) first of ``pairs`` (most
+    confused first) whose signs the base describes (:func:`choose_pairs`). ``trained_on``: the
+    description run the training run records; both are kept in the manifest, and
+    :meth:`RefinePlan.warnings` says when the base is another run or pairs were passed over."""
     where = training_run or "the confused pairs"
     out_root = Path(out_dir) if out_dir else settings.paths.descriptions
     base_dir = base_run_dir(out_root, base)
@@ -1200,19 +1227,23 @@ def prepare_refine(vocab_path: Path | str | None, pairs: Sequence[ConfusedPair],
         raise GenerationError(f"{out_root}: no description run to refine (no {LATEST_POINTER} run there); "
                               "run `gsp generate` first or pass --base RUN")
     vocab_path = recorded_vocabulary(base_dir) if vocab_path is None else vocab_path
-    _check_pairs(pairs, load_vocabulary(vocab_path), where)
-    partners = contrast_partners(pairs)
+    if not pairs:
+        raise GenerationError(f"{where}: no two classes were confused (every test clip was predicted as its "
+                              "own class); nothing to refine")
     raw = read_run(base_dir, ok_only=False)
-    absent = sorted(set(partners) - {int(lab) for lab in raw["Tg"]["label"]})
-    if absent:
-        raise GenerationError(f"{base_dir}: describes no class {absent[0]} of the confused pairs of {where}; "
-                              "refine a run that describes every sign of the top pairs (or lower --top)")
+    pairs, passed_over = choose_pairs(pairs, top, {int(lab) for lab in raw["Tg"]["label"]},
+                                      load_vocabulary(vocab_path), where)
+    if not pairs:
+        raise GenerationError(f"{base_dir}: describes no confused pair of {where} whole (each has a sign it does "
+                              "not describe); refine a run that describes them (--base)")
+    partners = contrast_partners(pairs)
     plan = prepare_run(vocab_path, settings=settings, index_dir=index_dir, use_index=use_index, out_dir=out_root,
                        labels=sorted(partners), run_id=run_id, retriever=retriever, base=base_dir)
     plan.prompts.update(load_prompts(settings.paths.prompts_dir, REFINE_PROMPT_FILES))
-    return RefinePlan(plan=plan, pairs=[(int(a), int(b), int(n)) for a, b, n in pairs], partners=partners,
+    return RefinePlan(plan=plan, pairs=pairs, partners=partners,
                       base_rows={k: [plain_row(r) for r in df.to_dict("records")] for k, df in raw.items()},
-                      decisions=read_review(base_dir), training_run=training_run, trained_on=trained_on)
+                      decisions=read_review(base_dir), training_run=training_run, trained_on=trained_on,
+                      passed_over=passed_over)
 
 
 class ContrastDescriber(SignDescriber):
@@ -1273,12 +1304,13 @@ def refine_descriptions(vocab_path: Path | str | None, pairs: Sequence[ConfusedP
                         training_run: str | None = None, base: Path | str | None = None,
                         out_dir: Path | None = None, index_dir: Path | None = None, use_index: bool = True,
                         retriever: PassageSearch | None = None, run_id: str | None = None,
-                        trained_on: str | None = None) -> RunResult:
-    """Rewrite the descriptions of the signs of ``pairs`` (most confused first, e.g. from a
-    training run's confusion matrix) with P5 into a new description run; see :func:`prepare_refine`."""
+                        trained_on: str | None = None, top: int | None = None) -> RunResult:
+    """Rewrite the descriptions of the signs of the ``top`` first of ``pairs`` (most confused
+    first, e.g. from a training run's confusion matrix) with P5 into a new description run; see
+    :func:`prepare_refine`."""
     rp = prepare_refine(vocab_path, pairs, settings=settings, training_run=training_run, base=base,
                         out_dir=out_dir, index_dir=index_dir, use_index=use_index, retriever=retriever, run_id=run_id,
-                        trained_on=trained_on)
-    if differs := rp.base_differs():
-        log.warning("%s", differs)
+                        trained_on=trained_on, top=top)
+    for line in rp.warnings():
+        log.warning("%s", line)
     return asyncio.run(arefine(rp))

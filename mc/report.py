@@ -190,13 +190,13 @@ def most_confused(confusion: np.ndarray, label: int, top: int) -> list[tuple[int
     return sorted(others, key=lambda oc: (-oc[1], oc[0]))[:top]
 
 
-def confused_pairs(confusion: np.ndarray, top: int) -> list[tuple[int, int, int]]:
-    """The ``top`` most confused class pairs of a confusion matrix (rows = true class), as
+def confused_pairs(confusion: np.ndarray, top: int | None = None) -> list[tuple[int, int, int]]:
+    """The ``top`` (None: all) most confused class pairs of a confusion matrix (rows = true class), as
     ``[(a, b, count), ...]`` with a < b and count = confusion[a, b] + confusion[b, a]: clips of a
     predicted as b plus clips of b predicted as a. The pair is unordered because a description
     rewrite (``gsp generate --refine-confused``) tells both signs apart whichever way the model
     errs. Pairs never confused are left out; most first, ties by (a, b)."""
-    if top < 1:
+    if top is not None and top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     m = np.asarray(confusion, dtype=np.int64)
     a, b = np.triu_indices(m.shape[0], k=1)

@@ -206,6 +206,33 @@ def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, t
         k: (r["text"], r["contrast_with"]) for k, r in after.items()}
 
 
+def test_a_pair_with_a_sign_the_base_leaves_out_is_passed_over_and_the_next_refined(srv, base, tmp_path,
+                                                                                     demo_index, caplog):
+    """The base describes five of the demo vocabulary's signs; a pair with father (20) has nothing to
+    rewrite, so `--top 4` refines the four best pairs it can and says which one it passed over."""
+    env, base_run, _ = base
+    confusions = [c for c in CONFUSIONS if c != (1, 0, 1)] + [(14, 53, 1)]  # (14, 53) ranks after (14, 20)
+    proc = generate(env, demo_index, tmp_path / "descriptions", "--refine-confused",
+                    training_run(tmp_path / "train", confusions), "--top", 4)
+    assert proc.exit_code == 0, proc.output[-3000:]
+    [warning] = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
+    assert f"{base_run}: passed over 1 confused pair(s)" in warning and "(14, 20) (2 clip(s))" in warning
+    refine = read_manifest(resolve_run_dir(tmp_path / "descriptions"))["refine"]
+    assert [(p["a"], p["b"], p["count"]) for p in refine["pairs"]] == [(0, 4, 5), (2, 53, 4), (0, 2, 3), (14, 53, 1)]
+    assert [(p["a"], p["b"], p["count"]) for p in refine["passed_over"]] == [(14, 20, 2)]
+    assert {r["label"]: r["contrast_with"] for r in refine["refined"]} == {**REFINED, 14: 53}
+    entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
+    assert srv.requests() == sorted([(entries[s].describe(), name) for s in (*REFINED, 14)
+                                     for name in ("Tg_P5", "Tp_P4")])
+    # without a pair passed over no warning is printed, and the manifest lists none
+    srv.reset()
+    caplog.clear()
+    proc = generate(env, demo_index, tmp_path / "other", "--base", base_run, "--refine-confused",
+                    training_run(tmp_path / "train2"), "--top", 2)
+    assert proc.exit_code == 0 and "passed over" not in caplog.text, proc.output[-3000:]
+    assert read_manifest(resolve_run_dir(tmp_path / "other"))["refine"]["passed_over"] == []
+
+
 def write_review(path: Path, decisions: list[tuple[str, str, str]]) -> Path:
     buf = io.StringIO()
     csv.writer(buf).writerows([["key", "decision", "edited_text", "reviewer", "note"],
@@ -259,8 +286,9 @@ def test_bad_inputs_are_one_line_and_exit_2(srv, base, tmp_path, demo_index):
     assert "--top 0: must be at least 1" in one_error_line(refine("--refine-confused", train, "--top", 0))
     line = one_error_line(refine("--refine-confused", train, "--top", 5))
     assert "the confused pair (0, 1) (1 clip(s)) has class 1, which is not in the vocabulary" in line
-    line = one_error_line(refine("--refine-confused", train, "--top", 4))
-    assert f"{base_run}: describes no class 20 of the confused pairs" in line
+    father = training_run(tmp_path / "father", [(14, 20, 2)])  # class 20 is not in the base run
+    line = one_error_line(refine("--refine-confused", father))
+    assert f"{base_run}: describes no confused pair of {father} whole" in line
     line = one_error_line(refine("--refine-confused", train, "--top", 2, "--out", tmp_path / "empty"))
     assert "no description run to refine" in line and "--base RUN" in line
     assert "--top needs --refine-confused" in one_error_line(refine("--top", 3))
@@ -292,10 +320,10 @@ def test_the_prefect_flow_refines_as_the_library_does(srv, base, tmp_path, demo_
     assert flow_run != base_run
     assert {r["label"]: r["contrast_with"] for r in read_manifest(flow_run)["refine"]["refined"]} == REFINED
     # bad input through the flow: exit status 2, the error in one line, no traceback, nothing written
-    bad = refine_by_flow(4)
+    bad = refine_by_flow(5)
     assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr[-3000:]
     [line] = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert f"{flow_run}: describes no class 20 of the confused pairs" in line  # LATEST is the refined run now
+    assert "the confused pair (0, 1) (1 clip(s)) has class 1, which is not in the vocabulary" in line
     assert resolve_run_dir(tmp_path / "descriptions") == flow_run
 
     srv.reset()  # the library call on the same base: every answer now comes from the cache
