@@ -290,7 +290,9 @@ async def _online_workers(state: StackState) -> dict[str, list[dict[str, Any]]]:
         for pool in POOLS:
             try:
                 workers = await client.read_workers_for_work_pool(pool)
-            except Exception:  # noqa: BLE001 - a pool that is missing shows as no workers
+            except httpx.HTTPStatusError as exc:  # a pool that is missing shows as no workers
+                if exc.response.status_code != 404:
+                    raise  # a 401 is a missing password (:func:`_run` says so), not an empty pool
                 workers = []
             out[pool] = [{"name": w.name, "status": str(getattr(w.status, "value", w.status)),
                           "last_heartbeat": w.last_heartbeat_time.isoformat() if w.last_heartbeat_time else None}
