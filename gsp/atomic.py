@@ -130,6 +130,16 @@ def publish_staged_folder(staging: Path | str, target: Path | str) -> None:
     _fsync_dir(target.parent)
 
 
+def remove_leftover(path: Path | str) -> None:
+    """Delete what a killed run of ours left at ``path`` (a hidden name only we use), whatever it
+    is: a folder, a file or a link; nothing there is fine."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def sha256_file(path: Path | str) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (the one file hash of the project)."""
     h = hashlib.sha256()

@@ -55,6 +55,7 @@ from gsp.atomic import (
     claim_folder,
     json_text,
     publish_staged_folder,
+    remove_leftover,
     sha256_file,
     write_text_atomic,
 )
@@ -941,11 +942,11 @@ def finalize_run(plan: RunPlan, result: BatchResult, session: GenerationSession,
     staging = plan.out_root / f".{plan.run_id}.partial"
     # Ours (a hidden name in the folder claim_descriptions_root made ours): what a run of the same
     # id left when it was killed while writing; it was never published.
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_leftover(staging)
     staging.mkdir()
     try:
         for kind in KINDS:
-            write_kind(staging, kind, result.rows[kind], staged=True)
+            write_kind(staging, kind, result.rows[kind], staged_for=run_dir)
         manifest = {**run_manifest(plan, result, session.client, session.is_local), **(manifest_extra or {})}
         (staging / MANIFEST).write_text(json_text(manifest), encoding="utf-8")
         if review:

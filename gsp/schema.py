@@ -217,13 +217,16 @@ def _frame_to_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df, schema=DESCRIPTION_SCHEMA, preserve_index=False)
 
 
-def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame, *, staged: bool = False) -> Path:
-    """Validate and write ``<run_dir>/<kind>.parquet``: atomically, or with ``staged`` straight
-    into ``run_dir``, a staging folder that :func:`gsp.atomic.publish_staged_folder` publishes."""
+def write_kind(run_dir: Path, kind: str, rows: Iterable[dict] | pd.DataFrame, *,
+               staged_for: Path | None = None) -> Path:
+    """Validate and write ``<run_dir>/<kind>.parquet``: atomically, or straight into ``run_dir``
+    when it is a staging folder that :func:`gsp.atomic.publish_staged_folder` publishes as
+    ``staged_for`` (the run folder an error names: the staging folder's hidden name is gone by the
+    time anyone looks)."""
     table = rows_to_table(rows)
-    validate_table(table, kind, source=f"{run_dir}/{kind}.parquet")
+    validate_table(table, kind, source=f"{staged_for or run_dir}/{kind}.parquet")
     target = Path(run_dir) / f"{kind}.parquet"
-    if staged:
+    if staged_for is not None:
         pq.write_table(table, target)
         return target
     with atomic_path(target, suffix=".parquet") as tmp:

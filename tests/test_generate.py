@@ -198,8 +198,9 @@ def test_an_endpoints_passage_budget_limits_what_the_gloss_retrieves(srv, tmp_pa
 
 def test_writing_a_run_leaves_no_half_run_and_clears_what_a_killed_run_of_its_id_left(srv, tmp_path):
     """finalize_run writes into a hidden staging folder: a failure there (here a row the schema
-    refuses) removes it and publishes nothing; a staging folder that a killed run of the same id
-    left is cleared, not a FileExistsError."""
+    refuses) removes it, publishes nothing and names the run's file, not the staging one; a
+    staging folder (or file, or link) that a killed run of the same id left is cleared, not a
+    FileExistsError."""
     from gsp.generate import describe_batch, finalize_run
     from gsp.schema import SchemaError
 
@@ -214,8 +215,9 @@ def test_writing_a_run_leaves_no_half_run_and_clears_what_a_killed_run_of_its_id
             return finalize_run(plan, result, session)
 
     bad = prepare_run(vocab, settings=settings, use_index=False, limit=2, run_id="spoiled")
-    with pytest.raises(SchemaError, match="status"):
+    with pytest.raises(SchemaError, match="status") as raised:
         asyncio.run(describe_and_write(bad, spoil=True))
+    assert str(raised.value).startswith(f"{bad.out_root / 'spoiled' / 'Tg.parquet'}:")  # not the staging name
     assert sorted(p.name for p in bad.out_root.iterdir() if "spoiled" in p.name) == []
 
     good = prepare_run(vocab, settings=settings, use_index=False, limit=2, run_id="resumed")
@@ -224,3 +226,13 @@ def test_writing_a_run_leaves_no_half_run_and_clears_what_a_killed_run_of_its_id
     run = asyncio.run(describe_and_write(good, spoil=False))
     assert run.run_dir.name == "resumed" and not (good.out_root / ".resumed.partial").exists()
     assert len(read_kind(run.run_dir, "Tb")) == 2
+
+    # a leftover that is a file, or a link, in the staging folder's place is ours to delete too
+    (good.out_root / ".filed.partial").write_bytes(b"half")
+    (good.out_root / ".linked.partial").symlink_to(tmp_path)
+    for run_id in ("filed", "linked"):
+        plan = prepare_run(vocab, settings=settings, use_index=False, limit=2, run_id=run_id)
+        run = asyncio.run(describe_and_write(plan, spoil=False))
+        leftover = good.out_root / f".{run_id}.partial"
+        assert run.run_dir.name == run_id and not leftover.is_symlink() and not leftover.exists()
+    assert tmp_path.is_dir()  # the link's target is not ours: it stays
