@@ -81,10 +81,10 @@ def generate(
             fail(f"--top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
         if prefect:
             use_local_prefect()
-            from flows.gsp_flow import hide_expected_failures
+            from flows.gsp_flow import hide_what_the_cli_prints
             from flows.refine_flow import refine_flow
 
-            hide_expected_failures()
+            hide_what_the_cli_prints()
             result = asyncio.run(refine_flow(
                 training_run=str(refine_confused), vocab=str(vocab) if vocab else None, top=top,
                 base=str(base) if base else None, index_dir=str(index) if index else None,
@@ -100,9 +100,9 @@ def generate(
         fail("--vocab is required: the vocabulary CSV whose signs to describe")
     elif prefect:
         use_local_prefect()
-        from flows.gsp_flow import gsp_flow, hide_expected_failures
+        from flows.gsp_flow import gsp_flow, hide_what_the_cli_prints
 
-        hide_expected_failures()
+        hide_what_the_cli_prints()
         result = asyncio.run(gsp_flow(
             vocab=str(vocab), labels=label_list, limit=limit, index_dir=str(index) if index else None,
             kb_dir=str(kb) if kb else None, out_dir=str(out) if out else None, ingest=ingest,

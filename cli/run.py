@@ -73,11 +73,11 @@ def run_cmd(
     if not settings.llm.base_url:
         console.print("no GSP_LLM_BASE_URL: using the embedded local LLM (SmolLM2-135M; poor text, real pipeline)")
     use_local_prefect()
-    from flows.gsp_flow import hide_expected_failures
+    from flows.gsp_flow import hide_what_the_cli_prints
     from flows.pipeline import pipeline_flow
     from gsp.generate import RunFailed
 
-    hide_expected_failures()
+    hide_what_the_cli_prints()
     try:
         result = asyncio.run(pipeline_flow(
             vocab=str(vocab_path), artifacts_dir=str(settings.paths.artifacts_dir), limit=limit,

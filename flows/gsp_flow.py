@@ -49,15 +49,28 @@ from gsp.settings import Settings
 DESCRIPTIONS_EVENT = "gsp.descriptions.completed"
 
 
-class _HideExpectedFailures(logging.Filter):
+#: A log record's attribute marking what the CLI prints itself when it runs the flow (a run's
+#: summary, on stdout): :func:`hide_what_the_cli_prints` keeps it off the console, Prefect's API
+#: log handler keeps it in the flow run's logs on a server.
+PRINTED_BY_CLI = "gsp_printed_by_cli"
+
+
+def log_run_summary(summary: str) -> None:
+    """A description run's summary into the flow run's logs (where a deployment run shows it)."""
+    get_run_logger().info("%s", summary, extra={PRINTED_BY_CLI: True})
+
+
+class _HideWhatTheCliPrints(logging.Filter):
     """Console only: drops Prefect's records of an expected failure, a :class:`GspError` (its
     traceback, and the "Finished in state Failed(...)" repeat of the message), which the CLI
-    prints as one line. The API log handler has no such filter, so the flow run's logs in Prefect
-    keep everything."""
+    prints as one line, and the records marked :data:`PRINTED_BY_CLI`, which it prints on stdout.
+    The API log handler has no such filter, so the flow run's logs in Prefect keep everything."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             return True
+        if getattr(record, PRINTED_BY_CLI, False):
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
             return not isinstance(exc, GspError)
@@ -77,13 +90,13 @@ def _error_names() -> set[str]:
     return names
 
 
-def hide_expected_failures() -> None:
-    """Keep Prefect from printing a traceback for failures the CLI reports as one line (every
-    :class:`gsp.errors.GspError`: bad input, an unreachable endpoint, a failed description run).
-    Call after importing the flows."""
+def hide_what_the_cli_prints() -> None:
+    """Keep Prefect's console from repeating what the CLI prints itself: a traceback for failures
+    it reports as one line (every :class:`gsp.errors.GspError`: bad input, an unreachable
+    endpoint, a failed description run), and the run's summary. Call after importing the flows."""
     from prefect.logging.handlers import APILogHandler
 
-    quiet = _HideExpectedFailures()
+    quiet = _HideWhatTheCliPrints()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, APILogHandler):
@@ -120,7 +133,7 @@ async def batch_task(session_id: str, plan: dict[str, Any], labels: list[int], i
 @task(name="write-description-run")
 def write_task(session_id: str, plan: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
     run = finalize_planned(plan, batches, open_session(session_id))
-    get_run_logger().info("%s", run.summary())
+    log_run_summary(run.summary())
     return {"run_dir": str(run.run_dir), "manifest": run.manifest, "failed": run.failed, "summary": run.summary(),
             "run_failed": run.run_failed, "failure_line": run.failure_line(),
             "manifest_path": str(run.manifest_path), "samples": _samples(batches)}

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import warn_unknown_settings
-from flows.gsp_flow import announce, build_settings, publish_diff_task, publish_task
+from flows.gsp_flow import announce, build_settings, log_run_summary, publish_diff_task, publish_task
 from flows.ingest import ingest_task
 from gsp.generate import DEFAULT_TOP, GenerationError, RunFailed, arefine, prepare_refine
 from gsp.schema import STATUS_OK, read_run
@@ -51,7 +51,7 @@ async def refine_task(vocab: str | None, confused: dict[str, Any], top: int, set
     for line in plan.warnings():
         get_run_logger().warning("%s", line)
     run = await arefine(plan)
-    get_run_logger().info("%s", run.summary())
+    log_run_summary(run.summary())
     return {"run_dir": str(run.run_dir), "base_run": str(plan.plan.base_dir), "manifest": run.manifest,
             "failed": run.failed, "summary": run.summary(), "run_failed": run.run_failed,
             "failure_line": run.failure_line(), "manifest_path": str(run.manifest_path),

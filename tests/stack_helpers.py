@@ -56,6 +56,26 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
     return asyncio.run(read())
 
 
+def flow_run_logs(env: dict[str, str], flow_run_id: str, containing: str, timeout_s: float = 20) -> list[str]:
+    """The messages of a flow run's logs on the server, once one contains ``containing`` (a
+    worker's subprocess sends its last records as it exits, so they may follow the final state
+    by a moment); the messages as they are when ``timeout_s`` runs out otherwise."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read() -> list[str]:
+        async with PrefectClient(env["PREFECT_API_URL"]) as client:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        return [log.message for log in logs]
+
+    deadline = time.monotonic() + timeout_s
+    messages = asyncio.run(read())
+    while not any(containing in m for m in messages) and time.monotonic() < deadline:
+        time.sleep(1)
+        messages = asyncio.run(read())
+    return messages
+
+
 def wait_for_runs(env, deployment: str, count: int, timeout_s: float) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -53,6 +53,7 @@ def test_whole_autsl_vocabulary_through_the_prefect_flow(tmp_path):
         manifest = read_manifest(run_dir)
         assert manifest["requests"] == 226 * 4 and manifest["vocabulary"]["signs_run"] == 226
         assert "Tb: 226 ok, 0 failed" in proc.stdout
+        assert "Tb: 226 ok" not in proc.stderr  # the summary once: not repeated by Prefect's console log
         assert KEY not in proc.stdout + proc.stderr
         assert all(KEY.encode() not in p.read_bytes() for p in run_dir.iterdir())
         assert all(r.authorization == f"Bearer {KEY}" for r in srv.records[:3])  # the key did reach the server

@@ -318,6 +318,8 @@ def test_the_prefect_flow_refines_as_the_library_does(srv, base, tmp_path, demo_
     assert srv.requests() == sorted([(entries[s].describe(), name) for s in REFINED for name in ("Tg_P5", "Tp_P4")])
     flow_run = resolve_run_dir(tmp_path / "descriptions")
     assert flow_run != base_run
+    summary_end = f"status: complete; manifest: {flow_run / 'manifest.json'}"  # printed once, on stdout
+    assert proc.stdout.count(summary_end) == 1 and summary_end not in proc.stderr
     assert {r["label"]: r["contrast_with"] for r in read_manifest(flow_run)["refine"]["refined"]} == REFINED
     # bad input through the flow: exit status 2, the error in one line, no traceback, nothing written
     bad = refine_by_flow(5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 from fake_openai import FakeOpenAI
-from stack_helpers import GSP, PREFECT, flow_runs, free_port, run, stack_processes, wait_for_runs
+from stack_helpers import GSP, PREFECT, flow_run_logs, flow_runs, free_port, run, stack_processes, wait_for_runs
 
 from gsp.schema import read_manifest
 from mc.report import confused_pairs, load_run
@@ -47,6 +47,9 @@ def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
             latest = descriptions / (descriptions / "LATEST").read_text().strip()
             assert {p.name for p in latest.glob("*.parquet")} == {"Tb.parquet", "Ts.parquet", "Tg.parquet",
                                                                  "Tp.parquet"}
+            # the run's summary is in the flow run's logs (the CLI keeps it off its console only)
+            summary_end = f"status: complete; manifest: {latest / 'manifest.json'}"
+            assert any(summary_end in m for m in flow_run_logs(env, generated["id"], summary_end))
             [trained] = wait_for_runs(env, "mc/train", 1, 300)
             assert trained["state"] == "COMPLETED", trained
             assert trained["parameters"]["descriptions"] == str(latest)
