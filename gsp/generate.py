@@ -192,32 +192,34 @@ class ReviewBase:
     rows to ask again with the reviewer's note: rejected now, or regenerated after an earlier
     rejection (asked with the same note, so the cache answers with the regenerated text instead of
     the rejected one). Everything else is asked as usual.
-    What depends on a text is asked with the text the LLM wrote (an edited row's
-    ``original_text``), so only a regenerated text changes what depends on it."""
+    What depends on a text is asked with the text as reviewed: an edited Tb's Tg and an edited
+    Tg's Tp are asked with the edited text (unless reviewed themselves), so a correction reaches
+    the texts split or refined from it; Ts, which paraphrases Tb only for grounding, keeps the
+    text the LLM wrote (:func:`generated_text`)."""
 
     run_dir: Path | None = None
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     request_hashes: dict[str, str | None] = field(default_factory=dict)
 
-    _by_stem: dict[str, tuple[list[str], list[str]]] | None = field(default=None, init=False, repr=False,
-                                                                   compare=False)
+    _by_stem: dict[str, tuple[list[str], list[str], list[str]]] | None = field(default=None, init=False,
+                                                                              repr=False, compare=False)
 
     def notes_of(self, keys: Iterable[str]) -> str | None:
         """The notes of ``keys`` joined into one (``None`` when none of them is to be asked again)."""
         found = list(dict.fromkeys(self.notes[k] for k in keys if k in self.notes))
         return "; ".join(found) if found else None
 
-    def keys_with_stem(self, stem: str) -> tuple[list[str], list[str]]:
-        """The kept keys and the noted keys that are ``stem`` and an ordinal (one sign's Tp parts),
-        in their order. Indexed on the first call: a scan of every key for each sign made a
-        reviewed re-run quadratic in the vocabulary's size."""
+    def keys_with_stem(self, stem: str) -> tuple[list[str], list[str], list[str]]:
+        """The kept keys, the noted keys and all the base run's keys that are ``stem`` and an
+        ordinal (one sign's Tp parts), in their order. Indexed on the first call: a scan of every
+        key for each sign made a reviewed re-run quadratic in the vocabulary's size."""
         if self._by_stem is None:
             self._by_stem = {}
-            for i, keys in enumerate((self.kept, self.notes)):
+            for i, keys in enumerate((self.kept, self.notes, self.request_hashes)):
                 for key in keys:
-                    self._by_stem.setdefault(key[:-2], ([], []))[i].append(key)
-        return self._by_stem.get(stem, ([], []))
+                    self._by_stem.setdefault(key[:-2], ([], [], []))[i].append(key)
+        return self._by_stem.get(stem, ([], [], []))
 
 
 def base_run_dir(out_root: Path, base: Path | str | None) -> Path | None:
@@ -269,7 +271,7 @@ def load_review_base(run_dir: Path | None) -> ReviewBase:
 
 
 def generated_text(row: dict[str, Any]) -> str:
-    """The text the LLM wrote for a kept row: what the rows that depend on it were asked with."""
+    """The text the LLM wrote for a kept row (before a reviewer's edit): what Ts paraphrases."""
     return row.get("original_text") or row["text"]
 
 
@@ -659,12 +661,13 @@ class SignDescriber:
                       out: BatchResult) -> tuple[str | None, str | None, str | None]:
         """Tb (P1), kept from a review or asked. Returns (the text Tg is refined from, the error,
         the text Ts paraphrases): Ts depends on Tb only for grounding, so a Tb regenerated after a
-        rejection leaves Ts as it was (its text comes from the note-less request, cached)."""
+        rejection, or edited, leaves Ts as it was (its text comes from the note-less request, or
+        the LLM's own Tb, cached); Tg is refined from the edited text."""
         key = row_key(entry.label, "Tb", 0)
         if key in self.review.kept:
             kept = self.review.kept[key]
             out.rows["Tb"].append(kept)
-            return generated_text(kept), None, generated_text(kept)
+            return kept["text"], None, generated_text(kept)
         sources, passages = [hit_source(h) for h in hits], format_passages(hits)
         note = self.review.notes.get(key)
         res, err = await self.ask("P1", entry, note=note, passages=passages)
@@ -705,7 +708,7 @@ class SignDescriber:
         if key in self.review.kept:
             kept = self.review.kept[key]
             out.rows["Tg"].append(kept)
-            return generated_text(kept), None, list(kept["sources"])
+            return kept["text"], None, list(kept["sources"])
         sources = [hit_source(h) for h in hits]
         if tb_text is None:
             err = f"upstream Tb failed: {tb_err}"
@@ -724,14 +727,17 @@ class SignDescriber:
 
     async def split(self, entry: VocabEntry, tg_text: str | None, upstream_err: str | None, sources: list[dict],
                     out: BatchResult) -> None:
-        """Tp (P4). Kept parts stay at their ordinals. An answer to the base run's own request puts
-        its parts at their old ordinals; a new answer (a rejected part's note, a regenerated Tg)
-        fills the ordinals the kept parts leave free."""
+        """Tp (P4). Kept parts stay at their ordinals, and when the review kept every part of the
+        base run's split, nothing is asked (whatever Tg became). An answer to the base run's own
+        request puts its parts at their old ordinals; a new answer (a rejected part's note, a
+        regenerated or edited Tg) fills the ordinals the kept parts leave free."""
         p4 = self.plan.prompts["P4"]
         prefix = row_key(entry.label, "Tp", 0)[:-2]
-        kept_keys, noted_keys = self.review.keys_with_stem(prefix)
+        kept_keys, noted_keys, base_keys = self.review.keys_with_stem(prefix)
         kept = {int(k[len(prefix):]): self.review.kept[k] for k in kept_keys}
         out.rows["Tp"].extend(kept.values())
+        if kept and len(kept_keys) == len(base_keys):
+            return
         free = (i for i in itertools.count() if i not in kept)
         if tg_text is None:
             out.rows["Tp"].append(self.row(entry, "Tp", next(free), p4, None, None, upstream_err, sources))

@@ -294,6 +294,43 @@ def test_rejected_synonym_and_part_are_asked_again_and_approved_parts_keep_their
     assert after[tp2[0]]["review_note"] == "no reason was given; write a different answer"
 
 
+EDITED_TB = "The right fist taps the chin twice, thumb up."
+
+
+def test_an_edit_reaches_what_is_refined_or_split_from_it(srv, run_a, tmp_path):
+    """An edited Tb's Tg is refined from the edited text, and that Tg's parts split from it; an
+    edited Tg's parts are split from the edited text; Ts keeps paraphrasing the LLM's Tb; a sign
+    whose every part was approved asks nothing, however its Tg changed."""
+    env, run = run_a
+    before = rows_by_key(run)
+    tp2 = sorted(k for k in before if k.startswith("000002:Tp"))
+    rows = [["000000:Tb:00", "", "", "", "", "", "", "edit", EDITED_TB, "ayse", ""],
+            ["000001:Tg:00", "", "", "", "", "", "", "edit", EDITED_TG, "ayse", ""],
+            ["000002:Tg:00", "", "", "", "", "", "", "reject", "", "", TG_NOTE]]
+    rows += [[k, "", "", "", "", "", "", "approve", "", "", ""] for k in tp2]
+    assert review("apply", run, write_csv(tmp_path / "r.csv", HEADER_BEFORE_P5, rows)).exit_code == 0
+    srv.reset()
+    after = rows_by_key(generate(env, tmp_path / "descriptions"))
+    sister, hurry, hungry = ("sister (Turkish gloss: abla)", "hurry (Turkish gloss: acele)",
+                             "hungry (Turkish gloss: acikmak)")
+    assert requests_by_sign_and_kind(srv) == sorted([(sister, "Tg"), (sister, "Tp"), (hurry, "Tp"), (hungry, "Tg")])
+    asked = {(srv.bodies[r.body_hash]["response_format"]["json_schema"]["name"][:2],
+              srv.bodies[r.body_hash]["messages"][-1]["content"].splitlines()[0]):
+             srv.bodies[r.body_hash]["messages"][-1]["content"] for r in srv.records}
+    assert EDITED_TB in asked[("Tg", f"Sign: {sister}")]
+    assert before["000000:Tb:00"]["text"] not in asked[("Tg", f"Sign: {sister}")]
+    assert after["000000:Tg:00"]["text"] in asked[("Tp", f"Sign: {sister}")]
+    assert EDITED_TG in asked[("Tp", f"Sign: {hurry}")]
+    assert after["000000:Tg:00"]["text"] != before["000000:Tg:00"]["text"] and after["000000:Tg:00"]["review"] is None
+    for label in (0, 1):  # new parts, split from the edited (or newly refined) text
+        parts = {k: r["text"] for k, r in after.items() if k.startswith(f"00000{label}:Tp")}
+        assert parts and set(parts.values()).isdisjoint(r["text"] for r in before.values())
+    assert {k: after[k]["text"] for k in after if k.startswith("000000:Ts")} == {
+        k: before[k]["text"] for k in before if k.startswith("000000:Ts")}
+    assert {k: (after[k]["text"], after[k]["review"]) for k in after if k.startswith("000002:Tp")} == {
+        k: (before[k]["text"], "approved") for k in tp2}
+
+
 def test_a_run_from_before_review_is_read_exported_and_reviewed(run_a, tmp_path):
     import pyarrow.parquet as pq
 
