@@ -104,13 +104,16 @@ def encode_texts_task(descriptions: str, text_encoder: dict[str, Any], text_cach
 
     spec = TypeAdapter(EncoderSpec).validate_python(text_encoder)
     try:
-        summary = build_text_bank(descriptions, spec, Path(text_cache)).summary()
+        # Training says what the texts cover, counted against its own classes: not said twice.
+        summary = build_text_bank(descriptions, spec, Path(text_cache), log_coverage=False).summary()
     except TextFeatureError as exc:
         # A run with no usable text (e.g. every answer of the embedded model rejected by the
         # quality check) still trains: CE only, said here and recorded in the flow's result.
         get_run_logger().warning("%s: training CE only", exc)
         return {"error": str(exc)}
-    get_run_logger().info("text features: %s", summary)
+    get_run_logger().info("text features: %d text(s) of %s, %d encoded now, %d from the cache (%s)",
+                          summary["texts"], summary["run_dir"], summary["encoded_now"] or 0,
+                          summary["from_cache"] or 0, summary["encoder_id"])
     return summary
 
 

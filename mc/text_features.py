@@ -541,6 +541,7 @@ def build_text_bank(
     num_classes: int | None = None,
     progress: bool = False,
     classes: Iterable[int] | None = None,
+    log_coverage: bool = True,
 ) -> TextBank:
     """Read a description run (ok rows only), encode its Tg/Ts/Tp texts with ``spec`` (cached
     under ``cache_root``, usually ``settings.paths.cache``), index them.
@@ -548,7 +549,10 @@ def build_text_bank(
     Rows with empty text or a label outside ``0..num_classes-1`` are left out with a warning
     naming their key, so one bad row never stops training. How many classes have texts of each
     kind is logged (INFO), with a WARNING when some have none; ``classes`` (the labels that have
-    training samples) is what that is counted against (see :meth:`TextBank.coverage`).
+    training samples) is what that is counted against (see :meth:`TextBank.coverage`);
+    ``log_coverage=False`` leaves that to a later build of the same run (the ``mc`` flow encodes
+    the texts once before training, which builds the bank again from the cache and counts
+    against its classes).
     """
     run = resolve_run_dir(Path(run_dir))
     rt = _read_texts(run, num_classes)
@@ -569,7 +573,8 @@ def build_text_bank(
         else:
             for p in parts:
                 bank.tp_rows.setdefault(p, {}).setdefault(label, []).append(i)
-    _log_coverage(bank)
+    if log_coverage:
+        _log_coverage(bank)
     return bank
 
 
