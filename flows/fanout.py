@@ -28,6 +28,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from flows import warn_unknown_settings
+from flows.progress import DescribeProgress
 from gsp.atomic import write_json_atomic
 from gsp.generate import GenerationError, claim_descriptions_root, describe_planned
 from gsp.schema import STATUS_OK
@@ -100,7 +101,8 @@ async def shard_flow(plan: dict[str, Any], labels: list[int], shard: int, run_id
     warn_unknown_settings()
     throttle = global_throttle(plan["settings"]["llm"])
     # No session of the parent is open in this process: describe_planned opens its own.
-    result = await describe_planned(plan, labels, session_id="", throttle=throttle)
+    result = await describe_planned(plan, labels, session_id="", throttle=throttle,
+                                    on_done=DescribeProgress(f"shard {shard}", len(labels), get_run_logger()))
     write_json_atomic(Path(out), result)
     failed = sum(r["status"] != STATUS_OK for rows in result["rows"].values() for r in rows)
     get_run_logger().info("shard %d: %d sign(s), %d failed row(s) → %s", shard, len(labels), failed, out)

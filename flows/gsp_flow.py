@@ -30,6 +30,7 @@ from prefect.runtime import flow_run as current_flow_run
 from flows import warn_unknown_settings
 from flows.fanout import fan_out, remove_shards
 from flows.ingest import ingest_task
+from flows.progress import DescribeProgress
 from gsp.diff import diff_summary_markdown
 from gsp.errors import GspError
 from gsp.generate import (
@@ -124,7 +125,8 @@ def plan_task(vocab: str, settings: dict[str, Any], index_dir: str | None, use_i
 
 @task(name="generate-batch", task_run_name="generate-batch-{index:03d}")
 async def batch_task(session_id: str, plan: dict[str, Any], labels: list[int], index: int) -> dict[str, Any]:
-    result = await describe_planned(plan, labels, session_id)
+    result = await describe_planned(plan, labels, session_id,
+                                    on_done=DescribeProgress(f"batch {index}", len(labels), get_run_logger()))
     failed = sum(r["status"] != STATUS_OK for rows in result["rows"].values() for r in rows)
     get_run_logger().info("batch %d: labels %d–%d, %d failed row(s)", index, labels[0], labels[-1], failed)
     return result

@@ -791,7 +791,8 @@ async def describe_batch(plan: RunPlan, client: LLMClient, entries: Sequence[Voc
 
 
 async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_id: str,
-                           throttle: Throttle | None = None) -> dict[str, Any]:
+                           throttle: Throttle | None = None,
+                           on_done: Callable[[str], None] | None = None) -> dict[str, Any]:
     """P1–P4 for ``labels`` of a planned run (:meth:`RunPlan.to_dict`), as plain data: what a
     flow's batch task does.
 
@@ -799,12 +800,13 @@ async def describe_planned(plan: dict[str, Any], labels: Sequence[int], session_
     one client and one set of limits. A task run in another process (a remote worker) finds no such
     session and opens its own for the batch; its usage travels back with the rows, and
     :func:`finalize_planned` adds it to the run's. ``throttle`` is for that own session: what
-    holds the endpoint's limits across such workers (the shared session has its own)."""
+    holds the endpoint's limits across such workers (the shared session has its own).
+    ``on_done(kind)``: called as each sign's Tb, Ts, Tg and Tp finish (progress)."""
     run = RunPlan.from_dict(plan, labels)
     if session_id in _SESSIONS:
-        return (await describe_batch(run, _SESSIONS[session_id].client, run.entries)).to_dict()
+        return (await describe_batch(run, _SESSIONS[session_id].client, run.entries, on_done)).to_dict()
     async with generation_session(run.settings, throttle=throttle) as own:
-        result = await describe_batch(run, own.client, run.entries)
+        result = await describe_batch(run, own.client, run.entries, on_done)
         return {**result.to_dict(), "usage": own.client.usage_counts()}
 
 

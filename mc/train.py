@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -639,10 +640,17 @@ def _evaluate_and_write(state: TrainState) -> dict:
     return metrics
 
 
-def train(config: TrainConfig | dict) -> dict:
+#: Called after each epoch with (the epoch's record, the number of epochs): how a caller without
+#: a terminal (a flow's task, whose logs a server keeps) reports progress.
+EpochCallback = Callable[[dict, int], None]
+
+
+def train(config: TrainConfig | dict, on_epoch: EpochCallback | None = None) -> dict:
     """Train one stream; return (and write to the run's ``metrics.json``) its test metrics."""
     state = setup(config)
     with _progress(state.cfg.progress and ddp.is_main()) as progress:
         for epoch in range(state.start_epoch, state.recipe["epochs"]):
-            run_epoch(state, epoch, progress)
+            record = run_epoch(state, epoch, progress)
+            if on_epoch is not None and ddp.is_main():
+                on_epoch(record, state.recipe["epochs"])
     return finish(state)

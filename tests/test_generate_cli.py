@@ -2,6 +2,7 @@
 flow over the whole AUTSL vocabulary, exit statuses, and kill -9 in the middle of a run."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def run_cli(args, env, timeout=300):
 
 def test_whole_autsl_vocabulary_through_the_prefect_flow(tmp_path):
     with FakeOpenAI() as srv:
-        env = cli_env(srv, tmp_path)
+        env = cli_env(srv, tmp_path, PREFECT_LOGGING_LEVEL="INFO")  # the flow's log, as a user sees it
         proc = run_cli(["generate", "--vocab", str(AUTSL), "--no-index", "--out", str(tmp_path / "runs")], env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         run_dir = resolve_run_dir(tmp_path / "runs")
@@ -54,6 +55,14 @@ def test_whole_autsl_vocabulary_through_the_prefect_flow(tmp_path):
         assert manifest["requests"] == 226 * 4 and manifest["vocabulary"]["signs_run"] == 226
         assert "Tb: 226 ok, 0 failed" in proc.stdout
         assert "Tb: 226 ok" not in proc.stderr  # the summary once: not repeated by Prefect's console log
+        # each batch's log says how far it is at every quarter of its signs (its last line says done)
+        quarters: dict[tuple[int, int], set[int]] = {}  # (batch, its signs) -> the quarters logged
+        for index, tp, signs in re.findall(r"batch (\d+): \d+ s, done Tb \d+/\d+, Ts \d+/\d+, Tg \d+/\d+, "
+                                           r"Tp (\d+)/(\d+)", proc.stderr):
+            quarters.setdefault((int(index), int(signs)), set()).add(4 * int(tp) // int(signs))
+        ends = {int(i) for i in re.findall(r"batch (\d+): labels \d+–\d+, \d+ failed row\(s\)", proc.stderr)}
+        assert len(ends) > 1 and {i for i, _ in quarters} == ends, quarters
+        assert all(logged >= {4 * t // n for t in range(1, n)} - {0} for (_, n), logged in quarters.items())
         assert KEY not in proc.stdout + proc.stderr
         assert all(KEY.encode() not in p.read_bytes() for p in run_dir.iterdir())
         assert all(r.authorization == f"Bearer {KEY}" for r in srv.records[:3])  # the key did reach the server

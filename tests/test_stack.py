@@ -52,6 +52,8 @@ def test_deployment_route_generate_then_train_then_down(stack_env, tmp_path):
             assert any(summary_end in m for m in flow_run_logs(env, generated["id"], summary_end))
             [trained] = wait_for_runs(env, "mc/train", 1, 300)
             assert trained["state"] == "COMPLETED", trained
+            epoch_line = "joint: epoch 1/1, loss "  # the training's progress, in its flow run's logs
+            assert any(m.startswith(epoch_line) for m in flow_run_logs(env, trained["id"], epoch_line))
             assert trained["parameters"]["descriptions"] == str(latest)
             [run_folder] = (Path(env["GSP_ARTIFACTS_DIR"]) / "runs").iterdir()
             metrics = json.loads((run_folder / "joint" / "metrics.json").read_text())
