@@ -1113,8 +1113,8 @@ class RefinePlan:
     training_run: str | None = None
     #: The description run the training run was trained on, as it records it (None: not recorded).
     trained_on: str | None = None
-    #: Pairs ranked among the refined ones but passed over: the base run describes a sign of theirs
-    #: not (:func:`choose_pairs`).
+    #: Pairs ranked among the refined ones but passed over, each with a sign the base run does not
+    #: describe (:func:`choose_pairs`).
     passed_over: list[ConfusedPair] = field(default_factory=list)
 
     def base_differs(self) -> str | None:
