@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import warn_unknown_settings
+from flows.progress import TrainingProgress
 from mc.run_folder import RunFolder
 
 #: Default ensemble weights per stream (CTR-GCN's 4-stream fusion: joint/bone 1, motions 0.5).
@@ -122,15 +123,12 @@ def train_task(stream: str, config: dict[str, Any], nproc_per_node: int = 1) -> 
     from mc.distributed import launch_training
 
     logger = get_run_logger()
-
-    def epoch_line(record: dict[str, Any], epochs: int) -> None:  # the flow run's log shows the training go on
-        logger.info("%s: epoch %d/%d, loss %.3f, train top-1 %.3f, lr %.3g (%.0f s)", stream, record["epoch"],
-                    epochs, record["loss"], record["train_top1"], record["lr"], record["seconds"])
-
+    progress = TrainingProgress(stream, logger)  # the flow run's log shows the training go on
     # In-process when nproc_per_node is 1. Training inside `gsp run` used to run 1.5-2.5x slower
     # than alone: retrieval threads left alive after generation made libgomp stop spinning (see
     # gsp.generate SignDescriber.search); never leave a thread that ran torch work alive here.
-    metrics = launch_training({**config, "stream": stream, "progress": False}, nproc_per_node, on_epoch=epoch_line)
+    metrics = launch_training({**config, "stream": stream, "progress": False}, nproc_per_node,
+                              on_epoch=progress.epoch, on_step=progress.step)
     logger.info("%s: top1 %.4f top5 %.4f (%s epochs, %.0f s)", stream, metrics["top1"], metrics["top5"],
                 metrics["epochs"], metrics["seconds"])
     return {k: v for k, v in metrics.items() if k not in ("history", "per_class_accuracy", "skipped")}

@@ -1,4 +1,5 @@
-"""Progress lines for long tasks: what a flow run's log shows while a batch of signs is described.
+"""Progress lines for long tasks: what a flow run's log shows while a batch of signs is described
+or a stream trains.
 
 By hand, because a progress bar (rich, as the CLI's ``--no-prefect`` path draws) reaches neither a
 worker's log nor the flow run's logs on the server; a line now and then does.
@@ -39,3 +40,25 @@ class DescribeProgress:
             self.quarters, self.last = max(quarters, self.quarters), now
             self.logger.info("%s: %.0f s, done %s", self.what, now - self.started,
                              ", ".join(f"{k} {self.done[k]}/{self.signs}" for k in KINDS))
+
+
+class TrainingProgress:
+    """``on_epoch`` and ``on_step`` for :func:`mc.train.train`: one line per epoch, and within an
+    epoch a line at least every ``every_s`` (an epoch at full size takes minutes)."""
+
+    def __init__(self, stream: str, logger: logging.Logger | logging.LoggerAdapter, every_s: float = EVERY_S):
+        self.stream, self.logger, self.every_s = stream, logger, every_s
+        self.last = time.monotonic()
+
+    def step(self, at: dict) -> None:
+        now = time.monotonic()
+        if at["step"] < at["steps"] and now - self.last >= self.every_s:
+            self.last = now
+            self.logger.info("%s: epoch %d/%d, step %d/%d, loss %.3f so far", self.stream, at["epoch"],
+                             at["epochs"], at["step"], at["steps"], at["loss"])
+
+    def epoch(self, record: dict, epochs: int) -> None:
+        self.last = time.monotonic()
+        self.logger.info("%s: epoch %d/%d, loss %.3f, train top-1 %.3f, lr %.3g (%.0f s)", self.stream,
+                         record["epoch"], epochs, record["loss"], record["train_top1"], record["lr"],
+                         record["seconds"])

@@ -34,23 +34,24 @@ from gsp.errors import GspError
 from mc import ddp
 from mc.device import resolve_device
 from mc.run_folder import RunFolder, check_run_folder
-from mc.train import EpochCallback, TrainConfig, train
+from mc.train import EpochCallback, StepCallback, TrainConfig, train
 
 
 class DistributedRunError(GspError, RuntimeError):
     """A worker of a multi-process run stopped on an error (its one-line message)."""
 
 
-def launch_training(config: TrainConfig | dict, nproc_per_node: int = 1, on_epoch: EpochCallback | None = None) -> dict:
+def launch_training(config: TrainConfig | dict, nproc_per_node: int = 1, on_epoch: EpochCallback | None = None,
+                    on_step: StepCallback | None = None) -> dict:
     """Train with ``nproc_per_node`` processes on this machine; returns (and the run folder's
     ``metrics.json`` holds) the test metrics. ``batch_size`` is the global batch. ``on_epoch``
-    (see :func:`mc.train.train`) is called in one process only: the ranks of several are
-    processes of their own, whose epochs are in the run folder's TensorBoard scalars."""
+    and ``on_step`` (see :func:`mc.train.train`) are called in one process only: the ranks of
+    several are processes of their own, whose epochs are in the run folder's TensorBoard scalars."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
     if nproc_per_node < 1:
         raise ddp.DistributedConfigError(f"nproc_per_node {nproc_per_node} is not valid; use 1 or more")
     if nproc_per_node == 1:
-        return train(cfg, on_epoch)
+        return train(cfg, on_epoch, on_step)
     ddp.per_rank_batch(cfg.recipe()["batch_size"], nproc_per_node)
     check_run_folder(cfg.out)
     with tempfile.TemporaryDirectory(prefix="gsp-ddp-") as tmp:

@@ -496,10 +496,14 @@ def _resume(cfg: TrainConfig, run: RunFolder, learner: Learner, model_cfg: Model
 
 # --------------------------------------------------------------------------- epochs
 
+#: See :func:`train`.
+EpochCallback = Callable[[dict, int], None]
+StepCallback = Callable[[dict], None]
 
-def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
+
+def run_epoch(state: TrainState, epoch: int, progress=None, on_step: StepCallback | None = None) -> dict:
     """Train one (0-based) epoch; record it, log it and checkpoint. Returns the epoch's record
-    (over the global batches: the ranks' sums are added up)."""
+    (over the global batches: the ranks' sums are added up). ``on_step``: see :func:`train`."""
     cfg, recipe, learner = state.cfg, state.recipe, state.learner
     t0 = time.perf_counter()
     lr = learning_rate(epoch, recipe["lr"], recipe["warmup_epochs"], recipe["milestones"], recipe["gamma"])
@@ -525,6 +529,9 @@ def run_epoch(state: TrainState, epoch: int, progress=None) -> dict:
         if progress is not None:
             progress.update(task, advance=1, stats=f"loss {sums['loss'] / sums['n']:.3f} "
                                                   f"acc {sums['correct'] / sums['n']:.3f} lr {lr:.4g}")
+        if on_step is not None:
+            on_step({"epoch": epoch + 1, "epochs": recipe["epochs"], "step": step + 1, "steps": len(loader),
+                     "loss": sums["loss"] / sums["n"]})
     # A rank's loss is its own CE plus the global L_con; the mean over equal-sized ranks is the
     # global batch's loss.
     sums = dict(zip(sums, ddp.all_reduce_sum(list(sums.values()))))
@@ -640,17 +647,17 @@ def _evaluate_and_write(state: TrainState) -> dict:
     return metrics
 
 
-#: Called after each epoch with (the epoch's record, the number of epochs): how a caller without
-#: a terminal (a flow's task, whose logs a server keeps) reports progress.
-EpochCallback = Callable[[dict, int], None]
-
-
-def train(config: TrainConfig | dict, on_epoch: EpochCallback | None = None) -> dict:
-    """Train one stream; return (and write to the run's ``metrics.json``) its test metrics."""
+def train(config: TrainConfig | dict, on_epoch: EpochCallback | None = None,
+          on_step: StepCallback | None = None) -> dict:
+    """Train one stream; return (and write to the run's ``metrics.json``) its test metrics.
+    ``on_epoch(record, epochs)`` after each epoch and ``on_step({epoch, epochs, step, steps,
+    loss})`` after each step (the epoch's mean loss so far), on the main process: how a caller
+    without a terminal (a flow's task, whose logs a server keeps) reports progress."""
     state = setup(config)
-    with _progress(state.cfg.progress and ddp.is_main()) as progress:
+    main = ddp.is_main()
+    with _progress(state.cfg.progress and main) as progress:
         for epoch in range(state.start_epoch, state.recipe["epochs"]):
-            record = run_epoch(state, epoch, progress)
-            if on_epoch is not None and ddp.is_main():
+            record = run_epoch(state, epoch, progress, on_step if main else None)
+            if on_epoch is not None and main:
                 on_epoch(record, state.recipe["epochs"])
     return finish(state)
