@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from flows import warn_unknown_settings
 from flows.gsp_flow import announce, build_settings, log_run_summary, publish_diff_task, publish_task
 from flows.ingest import ingest_task
-from gsp.generate import DEFAULT_TOP, GenerationError, RunFailed, arefine, prepare_refine
+from gsp.generate import DEFAULT_TOP, RunFailed, arefine, check_top, prepare_refine
 from gsp.schema import STATUS_OK, read_run
 from gsp.settings import Settings
 
@@ -85,8 +85,7 @@ async def refine_flow(training_run: str, vocab: str | None = None, top: int = DE
     the vocabulary the model was trained on (default: the one the base run was generated from).
     Model settings as in :func:`flows.gsp_flow.gsp_flow`."""
     warn_unknown_settings()
-    if top < 1:
-        raise GenerationError(f"top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
+    check_top(top)  # before the ingest and the training run are read
     settings = build_settings(base_url=base_url, model=model, structured_output=structured_output,
                               concurrency=concurrency)
     if use_index and ingest:

@@ -1161,8 +1161,8 @@ class RefinePlan:
         return {"training_run": self.training_run, "base_run": str(self.plan.base_dir), "trained_on": self.trained_on,
                 "prompt": self.plan.prompts["P5"].prompt_id, "carried_rows": carried,
                 "pairs": [{"a": a, "b": b, "count": n, "glosses": [gloss[a], gloss[b]]} for a, b, n in self.pairs],
-                "passed_over": [{"a": a, "b": b, "count": n, "reason": "a sign the base run does not describe"}
-                                for a, b, n in self.passed_over],
+                "passed_over": [{"a": a, "b": b, "count": n, "glosses": [gloss[a], gloss[b]],
+                                 "reason": "a sign the base run does not describe"} for a, b, n in self.passed_over],
                 "refined": [{"label": lab, "gloss": gloss[lab], "contrast_with": other, "count": n}
                             for lab, (other, n) in sorted(self.partners.items())]}
 
@@ -1177,6 +1177,12 @@ class RefinePlan:
         return {"format_version": 1, "run_id": run_id, "applied_at": utc_now(), "source": str(source),
                 "source_sha256": sha256_file(source), "carried_from": str(self.plan.base_dir),
                 "decisions": dict(sorted(kept.items()))}
+
+
+def check_top(top: int | None) -> None:
+    """``top`` (how many confused pairs to refine; None: all) must be at least 1."""
+    if top is not None and top < 1:
+        raise GenerationError(f"top {top}: must be at least 1 (how many of the most confused class pairs to refine)")
 
 
 def choose_pairs(pairs: Sequence[ConfusedPair], top: int | None, described: set[int], vocabulary: Vocabulary,
@@ -1229,6 +1235,7 @@ def prepare_refine(vocab_path: Path | str | None, pairs: Sequence[ConfusedPair],
     confused first) whose signs the base describes (:func:`choose_pairs`). ``trained_on``: the
     description run the training run records; both are kept in the manifest, and
     :meth:`RefinePlan.warnings` says when the base is another run or pairs were passed over."""
+    check_top(top)  # 0 would choose no pair and blame the base run for it
     where = training_run or "the confused pairs"
     out_root = Path(out_dir) if out_dir else settings.paths.descriptions
     base_dir = base_run_dir(out_root, base)

@@ -61,3 +61,10 @@ def test_a_batch_says_each_quarter_of_its_signs_and_not_the_end(lines):
     assert [m.split(", done ")[1] for m in said] == [
         f"Tb {n}/8, Ts {n}/8, Tg {n}/8, Tp {n}/8" for n in (2, 4, 6)]
     assert all(m.startswith("batch 7: ") for m in said)
+    # with the clock's line always due: a line for every kind finished, but for the batch's last
+    every = DescribeProgress("shard 2", 8, logger, every_s=0)
+    for _ in range(8):
+        for kind in ("Tb", "Ts", "Tg", "Tp"):
+            every(kind)
+    shard = [m for m in messages() if m.startswith("shard 2: ")]
+    assert len(shard) == 8 * 4 - 1 and shard[-1].endswith("Tb 8/8, Ts 8/8, Tg 8/8, Tp 7/8")

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from gsp.atomic import write_json_atomic
-from gsp.generate import contrast_partners
+from gsp.generate import GenerationError, contrast_partners, prepare_refine
 from gsp.schema import LATEST_POINTER, REVIEW_FILE, read_manifest, read_review, resolve_run_dir
 from gsp.settings import PROJECT_ROOT, get_settings
 from gsp.vocab import load_vocabulary
@@ -125,6 +125,9 @@ def test_the_ranking_of_pairs_and_one_rewrite_per_sign(tmp_path):
     assert contrast_partners([(2, 0, 3), (4, 0, 3)]) == {0: (2, 3), 2: (0, 3), 4: (0, 3)}  # ties: lower labels
     with pytest.raises(ValueError):
         confused_pairs(matrix, 0)
+    # the library call refuses top 0 itself (it chose no pair and blamed the base run for it)
+    with pytest.raises(GenerationError, match=r"^top 0: must be at least 1"):
+        prepare_refine(VOCAB, confused_pairs(matrix), settings=get_settings(), top=0, out_dir=tmp_path / "none")
 
 
 def test_refine_rewrites_exactly_the_top_pairs_and_carries_the_rest(srv, base, tmp_path, demo_index):
@@ -219,7 +222,8 @@ def test_a_pair_with_a_sign_the_base_leaves_out_is_passed_over_and_the_next_refi
     assert f"{base_run}: passed over 1 confused pair(s)" in warning and "(14, 20) (2 clip(s))" in warning
     refine = read_manifest(resolve_run_dir(tmp_path / "descriptions"))["refine"]
     assert [(p["a"], p["b"], p["count"]) for p in refine["pairs"]] == [(0, 4, 5), (2, 53, 4), (0, 2, 3), (14, 53, 1)]
-    assert [(p["a"], p["b"], p["count"]) for p in refine["passed_over"]] == [(14, 20, 2)]
+    assert [(p["a"], p["b"], p["count"], p["glosses"]) for p in refine["passed_over"]] == [
+        (14, 20, 2, ["anne", "baba"])]
     assert {r["label"]: r["contrast_with"] for r in refine["refined"]} == {**REFINED, 14: 53}
     entries = {e.label: e for e in load_vocabulary(VOCAB).entries}
     assert srv.requests() == sorted([(entries[s].describe(), name) for s in (*REFINED, 14)
